@@ -1,0 +1,127 @@
+"""The `renderfleet` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pipelines.catalog import CatalogError
+from storage.manifest import Limits, ManifestError
+
+
+def _render_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--catalog", help="model catalog YAML (default: the tiny random-weight catalog)")
+    p.add_argument("--workers", type=int, help="render actors (default: one per GPU, or CPUs/2)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per actor call (default 8)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--torch-threads", type=int, help="torch threads per actor (default: sized from the cluster)")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPU share per actor on GPU clusters")
+    p.add_argument("--max-steps", type=int, default=Limits.max_steps, help="largest num_inference_steps a row may ask for")
+    p.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="largest width*height a row may ask for")
+    p.add_argument("--results-flush-rows", type=int, default=1000, help="write a results part every N rows")
+    p.add_argument("--results-flush-seconds", type=float, default=10.0, help="... or every N seconds")
+
+
+def _job(args: argparse.Namespace, manifest: str, out: str):
+    from jobs.render import RenderJob
+
+    return RenderJob(
+        manifest=manifest,
+        out=out,
+        catalog=args.catalog,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        address=args.address,
+        limits=Limits(max_steps=args.max_steps, max_pixels=args.max_pixels),
+        torch_threads=args.torch_threads,
+        gpus_per_worker=args.gpus_per_worker,
+        results_flush_rows=args.results_flush_rows,
+        results_flush_s=args.results_flush_seconds,
+    )
+
+
+def _run_job(job) -> int:
+    from jobs.render import run
+
+    report = run(job)
+    for line in report.lines():
+        print(line)
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    return _run_job(_job(args, args.manifest, args.out))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from jobs.demo import write_demo_manifest
+
+    manifest = write_demo_manifest(args.out, args.rows)
+    print(f"demo manifest: {manifest}")
+    return _run_job(_job(args, manifest, args.out))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from storage.results import results_dir, summarize
+
+    s = summarize(args.out)
+    print(f"results: {results_dir(args.out)}")
+    print(f"rows: {s.total}  " + "  ".join(f"{k}={s.by_status.get(k, 0)}" for k in ("ok", "failed", "filtered")))
+    for reason, n in s.failures.items():
+        print(f"  failed {reason}: {n}")
+    return 0
+
+
+def cmd_build_tiny(args: argparse.Namespace) -> int:
+    from pipelines.tiny import build_tiny_models
+
+    print(build_tiny_models(args.dir, args.names or None))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="renderfleet", description="Batch rendering of diffusion models on Ray")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("render", help="render every row of a Parquet manifest (resumes with the same --out)")
+    r.add_argument("manifest", help="Parquet file or directory, local or s3://")
+    r.add_argument("--out", required=True, help="output location, local dir or s3://bucket/prefix")
+    _render_args(r)
+    r.set_defaults(func=cmd_render)
+
+    d = sub.add_parser("demo", help="render a small demo manifest on the embedded defaults")
+    d.add_argument("--out", default="renderfleet-demo", help="output location (default ./renderfleet-demo)")
+    d.add_argument("--rows", type=int, default=24)
+    _render_args(d)
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("status", help="counts by status and failures by reason")
+    s.add_argument("out")
+    s.set_defaults(func=cmd_status)
+
+    m = sub.add_parser("models", help="model utilities")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    b = msub.add_parser("build-tiny", help="build the tiny random-weight models and their catalog")
+    b.add_argument("dir")
+    b.add_argument("names", nargs="*", help="models to build (default: all)")
+    b.set_defaults(func=cmd_build_tiny)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("RENDERFLEET_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ManifestError, CatalogError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

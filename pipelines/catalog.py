@@ -1,0 +1,218 @@
+"""The model catalog: a YAML file naming every model a job or endpoint may use.
+
+Schema (unknown keys are errors that name them):
+
+    default_model: NAME            # optional; else the first pipeline
+    models:
+      NAME:
+        kind: pipeline             # later: controlnet, safety_checker, lora, embedding
+        source: DIR | ORG/REPO | s3://bucket/prefix   # relative DIRs are relative to this file
+        revision: REV              # Hub sources only
+        tasks: [image]
+        pipeline_class: CLASS      # a diffusers class built over the same components (from_pipe)
+        dtype: auto | float32 | float16 | bfloat16
+        defaults: {num_inference_steps: 30, ...}      # call parameters under the row's own
+        policy: {offload: none|model|sequential, attention_slicing: bool, vae_slicing: bool, vae_tiling: bool}
+        serve: {min_replicas, max_replicas, target_ongoing_requests, max_batch_size,
+                batch_wait_timeout_s, max_ongoing_requests, max_queued_requests}
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+KINDS = ("pipeline",)
+TASKS = ("image",)
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+OFFLOADS = ("none", "model", "sequential")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
+
+
+class CatalogError(ValueError):
+    """The catalog file is malformed; the message says where."""
+
+
+class UnknownModel(KeyError):
+    """A row or request names a model the catalog does not have."""
+
+    def __init__(self, name: str, known: list[str]):
+        super().__init__(name)
+        self.message = f"unknown model {name!r}; catalog has: {', '.join(known) or 'none'}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Memory and speed settings applied after loading."""
+
+    offload: str = "none"
+    attention_slicing: bool = False
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Online settings for the model's Serve deployment."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 2.0
+    max_batch_size: int = 4
+    batch_wait_timeout_s: float = 0.05
+    max_ongoing_requests: int = 8
+    max_queued_requests: int = 32
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One catalog model, its source resolved against the catalog's directory."""
+
+    name: str
+    kind: str
+    source: str
+    tasks: tuple[str, ...]
+    revision: str | None = None
+    pipeline_class: str | None = None
+    dtype: str = "auto"
+    defaults: dict[str, Any] = field(default_factory=dict)
+    policy: Policy = Policy()
+    serve: ServeSettings = ServeSettings()
+
+
+@dataclass(frozen=True)
+class Catalog:
+    models: dict[str, ModelEntry]
+    default_model: str
+    path: str | None = None
+
+    def get(self, name: str | None) -> ModelEntry:
+        """The entry for `name` (the default model when None)."""
+        key = self.default_model if name is None else name
+        if key not in self.models:
+            raise UnknownModel(key, sorted(self.models))
+        return self.models[key]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Catalog:
+        path = Path(path).expanduser().resolve()
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError as e:
+            raise CatalogError(f"catalog not found: {path}") from e
+        except yaml.YAMLError as e:
+            raise CatalogError(f"catalog {path} is not valid YAML: {e}") from e
+        return cls.from_dict(data, base_dir=path.parent, path=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, base_dir: Path, path: str | None = None) -> Catalog:
+        where = path or "catalog"
+        _check_keys(data, {"default_model", "models"}, where)
+        models_raw = data.get("models")
+        if not isinstance(models_raw, dict) or not models_raw:
+            raise CatalogError(f"{where}: 'models' must be a non-empty mapping")
+        models = {str(n): _entry(str(n), spec, base_dir, f"{where}: models.{n}") for n, spec in models_raw.items()}
+        default = data.get("default_model") or next(n for n, m in models.items() if m.kind == "pipeline")
+        if default not in models:
+            raise CatalogError(f"{where}: default_model {default!r} is not in models")
+        return cls(models=models, default_model=default, path=path)
+
+
+def _check_keys(data: Any, allowed: set[str], where: str) -> None:
+    if not isinstance(data, dict):
+        raise CatalogError(f"{where}: expected a mapping, got {type(data).__name__}")
+    unknown = sorted(set(map(str, data)) - allowed)
+    if unknown:
+        raise CatalogError(f"{where}: unknown keys {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _settings(cls: type, data: Any, where: str) -> Any:
+    """Builds a settings dataclass from a mapping, checking keys and value types."""
+    if data is None:
+        return cls()
+    fields = cls.__dataclass_fields__
+    _check_keys(data, set(fields), where)
+    defaults = cls()
+    values = {}
+    for k, v in data.items():
+        want = type(getattr(defaults, k))
+        if want is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise CatalogError(f"{where}.{k}: expected {want.__name__}, got {v!r}")
+        values[k] = v
+    return cls(**values)
+
+
+def _entry(name: str, spec: Any, base_dir: Path, where: str) -> ModelEntry:
+    _check_keys(spec, set(ModelEntry.__dataclass_fields__) - {"name"}, where)
+    kind = spec.get("kind", "pipeline")
+    if kind not in KINDS:
+        raise CatalogError(f"{where}.kind: {kind!r} is not supported (supported: {', '.join(KINDS)})")
+    source = spec.get("source")
+    if not isinstance(source, str) or not source:
+        raise CatalogError(f"{where}.source: required (a local dir, a Hub repo id or s3://bucket/prefix)")
+    source = resolve_source(source, base_dir, where)
+    revision = spec.get("revision")
+    if revision is not None and (source.startswith("s3://") or os.path.isabs(source)):
+        raise CatalogError(f"{where}.revision: only Hub sources take a revision")
+    tasks = spec.get("tasks", ["image"])
+    if not isinstance(tasks, list) or not tasks or any(t not in TASKS for t in tasks):
+        raise CatalogError(f"{where}.tasks: expected a non-empty list of {', '.join(TASKS)}, got {tasks!r}")
+    dtype = spec.get("dtype", "auto")
+    if dtype not in DTYPES:
+        raise CatalogError(f"{where}.dtype: {dtype!r}; expected one of {', '.join(DTYPES)}")
+    defaults = spec.get("defaults") or {}
+    if not isinstance(defaults, dict) or any(isinstance(v, (dict, list)) for v in defaults.values()):
+        raise CatalogError(f"{where}.defaults: expected a mapping of parameter names to scalar values")
+    policy = _settings(Policy, spec.get("policy"), f"{where}.policy")
+    if policy.offload not in OFFLOADS:
+        raise CatalogError(f"{where}.policy.offload: {policy.offload!r}; expected one of {', '.join(OFFLOADS)}")
+    pipeline_class = spec.get("pipeline_class")
+    if pipeline_class is not None and not re.fullmatch(r"[A-Za-z_]\w*", str(pipeline_class)):
+        raise CatalogError(f"{where}.pipeline_class: {pipeline_class!r} is not a class name")
+    return ModelEntry(
+        name=name,
+        kind=kind,
+        source=source,
+        tasks=tuple(tasks),
+        revision=revision,
+        pipeline_class=pipeline_class,
+        dtype=dtype,
+        defaults=dict(defaults),
+        policy=policy,
+        serve=_settings(ServeSettings, spec.get("serve"), f"{where}.serve"),
+    )
+
+
+def resolve_source(source: str, base_dir: Path, where: str) -> str:
+    """Local paths become absolute; Hub ids and s3:// URIs pass through."""
+    if source.startswith("s3://"):
+        return source
+    candidate = (base_dir / Path(source).expanduser()).resolve()
+    if candidate.exists() or source.startswith((".", "/", "~")):
+        return str(candidate)
+    if _HUB_ID.fullmatch(source):
+        return source
+    raise CatalogError(f"{where}.source: {source!r} is neither an existing local directory nor a Hub repo id (org/name)")
+
+
+def renderfleet_home() -> Path:
+    """Where renderfleet keeps its caches ($RENDERFLEET_HOME, default ~/.cache/renderfleet)."""
+    return Path(os.environ.get("RENDERFLEET_HOME") or Path.home() / ".cache" / "renderfleet").expanduser()
+
+
+def default_catalog_path() -> str:
+    """The tiny random-weight catalog, built into the cache on first use."""
+    from pipelines.tiny import build_tiny_models
+
+    path = build_tiny_models(renderfleet_home() / "tiny-models")
+    return str(path)

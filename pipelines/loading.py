@@ -1,0 +1,100 @@
+"""Loading pipelines from local dirs or Hub ids, safetensors only, with a memory policy."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline
+
+from pipelines.catalog import ModelEntry, Policy
+
+log = logging.getLogger(__name__)
+
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says which and why."""
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is float16 on accelerators and float32 on CPU."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def check_safetensors(model_dir: str | os.PathLike) -> None:
+    """Refuses a local model whose weights exist only as pickle files."""
+    root = Path(model_dir)
+    pickles = sorted(p for p in root.rglob("*") if p.suffix in _PICKLE_SUFFIXES)
+    if not pickles:
+        return
+    pickle_dirs = {p.parent for p in pickles}
+    safe_dirs = {p.parent for p in root.rglob("*.safetensors")}
+    unsafe = sorted(pickle_dirs - safe_dirs)
+    if unsafe:
+        names = ", ".join(str(p.relative_to(root)) for p in pickles if p.parent in unsafe)
+        raise ModelLoadError(
+            f"model at {root} has pickle-only weights ({names}); renderfleet loads safetensors only: "
+            "convert them (e.g. load and save_pretrained(safe_serialization=True))"
+        )
+
+
+def load_pipeline(entry: ModelEntry, local_source: str, device: torch.device) -> DiffusionPipeline:
+    """Loads `entry` from a local dir or Hub id, builds its pipeline_class over it, applies its policy."""
+    dtype = pick_dtype(entry.dtype, device)
+    if os.path.isdir(local_source):
+        check_safetensors(local_source)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            local_source, revision=entry.revision, dtype=dtype, use_safetensors=True
+        )
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelLoadError(f"cannot load model {entry.name!r} from {local_source}: {e}") from e
+    if entry.pipeline_class and type(pipe).__name__ != entry.pipeline_class:
+        cls = getattr(diffusers, entry.pipeline_class, None)
+        if cls is None or not hasattr(cls, "from_pipe"):
+            raise ModelLoadError(f"model {entry.name!r}: pipeline_class {entry.pipeline_class!r} is not a diffusers pipeline")
+        pipe = cls.from_pipe(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    apply_policy(pipe, entry.policy, device)
+    return pipe
+
+
+def apply_policy(pipe: DiffusionPipeline, policy: Policy, device: torch.device) -> None:
+    """Places the pipeline on its device, offloading or slicing as the policy asks."""
+    if policy.offload != "none" and device.type == "cpu":
+        log.warning("offload=%s ignored: no accelerator, the pipeline stays on CPU", policy.offload)
+    if policy.offload == "model" and device.type != "cpu":
+        pipe.enable_model_cpu_offload(device=device)
+    elif policy.offload == "sequential" and device.type != "cpu":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if policy.attention_slicing:
+        pipe.enable_attention_slicing()
+    vae = getattr(pipe, "vae", None)
+    if policy.vae_slicing and hasattr(vae, "enable_slicing"):
+        vae.enable_slicing()
+    if policy.vae_tiling and hasattr(vae, "enable_tiling"):
+        vae.enable_tiling()
+
+
+def default_size(pipe: DiffusionPipeline) -> tuple[int, int]:
+    """The pipeline's native (width, height), from its denoiser's sample size."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    sample = getattr(getattr(denoiser, "config", None), "sample_size", None) or 64
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    h, w = (sample, sample) if isinstance(sample, int) else sample
+    return int(w * scale), int(h * scale)

@@ -1,0 +1,46 @@
+"""Suite-wide fixtures: one Ray cluster, one tiny-model directory and one S3 server per session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Before anything imports Ray: loopback only, no auth for the local test cluster, fast stall failures.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "120")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ["RENDERFLEET_HOME"] = tempfile.mkdtemp(prefix="rf-home-")
+
+import pytest  # noqa: E402
+
+from s3server import s3_server  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def tiny_catalog(tmp_path_factory) -> str:
+    """The tiny models, built once per session; returns the catalog path."""
+    from pipelines.tiny import build_tiny_models
+
+    return str(build_tiny_models(tmp_path_factory.mktemp("tiny-models")))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local 2-CPU Ray cluster on loopback; yields its address for subprocess drivers."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="rf-ray-", dir="/tmp")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        object_store_memory=400 * 1024 * 1024,
+        log_to_driver=True,
+    )
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

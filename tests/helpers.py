@@ -1,0 +1,30 @@
+"""Small helpers shared by the job tests."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.fs import write_bytes
+
+MANIFEST_TYPES = {
+    "id": pa.string(), "task": pa.string(), "model": pa.string(), "prompt": pa.string(),
+    "negative_prompt": pa.string(), "seed": pa.int64(), "num_inference_steps": pa.int64(),
+    "guidance_scale": pa.float64(), "width": pa.int64(), "height": pa.int64(), "output_format": pa.string(),
+}
+
+
+def write_manifest(uri: str, records: list[dict[str, Any]]) -> str:
+    """Writes records as a Parquet manifest (local path or s3://), known columns typed as the schema wants."""
+    names: list[str] = []
+    for r in records:
+        names += [k for k in r if k not in names]
+    fields = [pa.field(n, MANIFEST_TYPES.get(n) or pa.array([r.get(n) for r in records]).type) for n in names]
+    table = pa.Table.from_pylist(records, schema=pa.schema(fields))
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    write_bytes(uri, sink.getvalue())
+    return uri

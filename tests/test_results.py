@@ -1,0 +1,44 @@
+"""The results dataset: whole parts, deduplication on read, status summary."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from storage.results import RESULT_SCHEMA, ResultsWriter, finished_ids, read_results, summarize
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def rows(*items):
+    return pa.Table.from_pylist([{"id": i, "status": s, "error": e} for i, s, e in items], schema=RESULT_SCHEMA)
+
+
+def test_latest_final_row_wins(tmp_path):
+    out = str(tmp_path)
+    first = ResultsWriter(out, run_id="20260101T000000Z-aaaaaa", flush_rows=100)
+    first.add(rows(("a", "failed", "render_error: boom"), ("b", "ok", None), ("c", "failed", "unknown_model: x")))
+    first.flush()
+    second = ResultsWriter(out, run_id="20260101T000100Z-bbbbbb", flush_rows=1)
+    second.add(rows(("a", "ok", None)))
+    second.add(rows(("b", "ok", None)))  # a repeat left by a kill between output and results
+    second.add(rows(("c", "failed", "unknown_model: x")))
+    table = read_results(out)
+    assert sorted(table["id"].to_pylist()) == ["a", "b", "c"]
+    status = dict(zip(table["id"].to_pylist(), table["status"].to_pylist()))
+    assert status == {"a": "ok", "b": "ok", "c": "failed"}
+    assert sorted(finished_ids(out).to_pylist()) == ["a", "b"]
+    s = summarize(out)
+    assert s.total == 3 and s.by_status == {"ok": 2, "failed": 1} and s.failures == {"unknown_model": 1}
+
+
+def test_final_row_beats_later_failure(tmp_path):
+    w = ResultsWriter(str(tmp_path), flush_rows=1)
+    w.add(rows(("a", "filtered", None)))
+    w.add(rows(("a", "failed", "render_error: late")))
+    assert read_results(str(tmp_path))["status"].to_pylist() == ["filtered"]
+
+
+def test_empty_out_has_no_results(tmp_path):
+    assert read_results(str(tmp_path / "nothing")).num_rows == 0
+    assert len(finished_ids(str(tmp_path / "nothing"))) == 0
