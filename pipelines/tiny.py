@@ -276,11 +276,15 @@ def _write_bpe_files(pipe: DiffusionPipeline, directory: Path) -> None:
         backend.model.save(str(folder))
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     """The process umask (read by setting and restoring it), to give renamed temp dirs normal permissions."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
+"""Read once at import, since reading it briefly changes a process-wide setting."""
 
 
 def _build_one(root: Path, name: str) -> Path:
@@ -290,11 +294,12 @@ def _build_one(root: Path, name: str) -> Path:
         return target
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
     try:
-        torch.manual_seed(SEED)
-        pipe = TINY_MODELS[name]()
+        with torch.random.fork_rng(devices=[]):  # Seed for identical weights without disturbing the caller's RNG.
+            torch.manual_seed(SEED)
+            pipe = TINY_MODELS[name]()
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         _write_bpe_files(pipe, tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the final dir should be readable like any other.
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700; the final dir should be readable like any other.
         (tmp / MARKER_FILE).write_text(json.dumps({"name": name, "seed": SEED}) + "\n", encoding="utf-8")
         if target.exists() and not _is_complete(target):
             # A leftover from a crashed build (no marker): replace it.
@@ -333,7 +338,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; readers may be other users.
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; readers may be other users.
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

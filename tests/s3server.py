@@ -202,30 +202,18 @@ def _wait_ready(server: S3Server, proc: subprocess.Popen, log: Path) -> None:
     )
 
 
-_shared: dict = {"server": None, "users": 0, "saved_env": {}}
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """One S3 server per test session, with its credentials and endpoint in os.environ.
-
-    Test modules import this fixture, and pytest then sets it up once per importing
-    module; the module-level refcount keeps that to one server for the whole session.
-    """
-    if _shared["server"] is None:
-        server = start_s3_server(tmp_path_factory.mktemp("s3"))
-        _shared.update(server=server, saved_env={k: os.environ.get(k) for k in server.env()})
-        os.environ.update(server.env())
-    _shared["users"] += 1
+    """One S3 server per test session (registered once, in conftest), its credentials in os.environ."""
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
     try:
-        yield _shared["server"]
+        yield server
     finally:
-        _shared["users"] -= 1
-        if _shared["users"] == 0:
-            server, _shared["server"] = _shared["server"], None
-            for k, v in _shared["saved_env"].items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()

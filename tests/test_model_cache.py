@@ -5,7 +5,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from s3server import s3_server  # noqa: F401
 
 from storage import cache, fs
 

@@ -8,7 +8,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from s3server import s3_server  # noqa: F401
 
 from storage import fs
 
