@@ -21,7 +21,7 @@ import torch
 from pipelines.catalog import Catalog, ModelEntry, UnknownModel, renderfleet_home
 from pipelines.encode import encode_image
 from pipelines.images import generate_images
-from pipelines.loading import ModelLoadError, default_size, load_pipeline, pick_device
+from pipelines.loading import ModelLoadError, default_size, load_pipeline, pick_device, quiet_hf_progress
 from storage.cache import fetch_prefix
 from storage.fs import is_s3, join, write_bytes
 from storage.keys import output_key
@@ -69,6 +69,7 @@ class Renderer:
     def __init__(self, config: RendererConfig):
         self.config = config
         os.environ.update(config.env)
+        quiet_hf_progress()
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.catalog = Catalog.load(config.catalog_path)

@@ -8,14 +8,15 @@ from typing import TextIO
 
 
 class Progress:
-    def __init__(self, total: int, stream: TextIO | None = None, interval_s: float = 10.0):
+    def __init__(self, total: int, stream: TextIO | None = None, interval_s: float = 10.0, started: float | None = None):
         self.total = total
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.interval_s = 0.2 if self.tty else interval_s
         self.counts = {"ok": 0, "failed": 0, "filtered": 0}
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
         self._last = 0.0
+        self.first_s: float | None = None
 
     @property
     def done(self) -> int:
@@ -26,6 +27,8 @@ class Progress:
         return self.done / elapsed if elapsed > 0 else 0.0
 
     def update(self, statuses: list[str]) -> None:
+        if self.first_s is None and statuses:
+            self.first_s = time.monotonic() - self.started
         for s in statuses:
             self.counts[s] = self.counts.get(s, 0) + 1
         now = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ from cluster.renderer import RendererConfig, storage_env
 from cluster.resources import plan_workers
 from cluster.runtime import connect
 from pipelines.catalog import Catalog, default_catalog_path
+from storage.fs import is_s3
 from storage.manifest import Limits, check_ids, check_schema, open_manifest
 from storage.results import ResultsWriter, error_code, finished_ids, results_dir
 from jobs.progress import Progress
@@ -50,17 +52,26 @@ class JobReport:
     elapsed_s: float
     out: str
     results: str
+    first_output_s: float | None = None
 
     @property
     def rendered_per_s(self) -> float:
         return self.counts.get("ok", 0) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def steady_per_s(self) -> float:
+        """Images per second once the first output arrived (start-up and model loads excluded)."""
+        span = self.elapsed_s - (self.first_output_s or 0.0)
+        done = sum(self.counts.values())
+        return (done - 1) / span if span > 0 and done > 1 else 0.0
 
     def lines(self) -> list[str]:
         c = self.counts
         lines = [
             f"rows: {self.total} in manifest, {self.skipped} skipped (already done), "
             f"{c.get('ok', 0)} ok, {c.get('failed', 0)} failed, {c.get('filtered', 0)} filtered",
-            f"speed: {self.rendered_per_s:.2f} images/s over {self.elapsed_s:.1f} s",
+            f"speed: {self.rendered_per_s:.2f} images/s over {self.elapsed_s:.1f} s "
+            f"({self.steady_per_s:.2f} rows/s after the first output at {self.first_output_s or 0:.1f} s)",
         ]
         if self.failures:
             lines.append("failures: " + ", ".join(f"{k}={v}" for k, v in self.failures.items()))
@@ -79,13 +90,15 @@ def resolve_catalog(path: str | None, stream: TextIO = sys.stderr) -> str:
 
 def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
     """Runs the job to completion; raises ManifestError before rendering when the manifest is unusable."""
-    catalog_path = resolve_catalog(job.catalog, stream)
+    # Actors may run elsewhere, in another working directory: local paths go absolute.
+    manifest, out = (m if is_s3(m) else os.path.abspath(m) for m in (job.manifest, job.out))
+    catalog_path = os.path.abspath(resolve_catalog(job.catalog, stream))
     Catalog.load(catalog_path)  # a malformed catalog fails here, not in every actor
-    dataset = open_manifest(job.manifest)
+    dataset = open_manifest(manifest)
     check_schema(dataset.schema)
     ids = dataset.to_table(columns=["id"])["id"]
     check_ids(ids)
-    finished = finished_ids(job.out)
+    finished = finished_ids(out)
     skipped = (pc.sum(pc.is_in(ids, value_set=finished)).as_py() or 0) if len(finished) else 0
     pending = len(ids) - skipped
     counts: Counter[str] = Counter()
@@ -96,7 +109,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
         plan = plan_workers(ray.cluster_resources(), job.workers, job.gpus_per_worker)
         config = RendererConfig(
             catalog_path=catalog_path,
-            out=job.out,
+            out=out,
             limits=job.limits,
             torch_threads=job.torch_threads or plan.torch_threads,
             env=storage_env(),
@@ -105,10 +118,10 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
             f"[renderfleet] rendering {pending} rows ({skipped} already done) on {plan.workers} workers "
             f"(cpu={plan.num_cpus}, gpu={plan.num_gpus}, torch threads={config.torch_threads})\n"
         )
-        writer = ResultsWriter(job.out, flush_rows=job.results_flush_rows, flush_s=job.results_flush_s)
-        progress = Progress(pending, stream)
+        writer = ResultsWriter(out, flush_rows=job.results_flush_rows, flush_s=job.results_flush_s)
+        progress = Progress(pending, stream, started=started)
         try:
-            ds = render_dataset(job.manifest, finished, config, plan, job.batch_size)
+            ds = render_dataset(manifest, finished, config, plan, job.batch_size)
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 writer.add(batch)
                 statuses = batch["status"].to_pylist()
@@ -124,6 +137,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
         counts=dict(counts),
         failures=dict(failures.most_common()),
         elapsed_s=time.monotonic() - started,
-        out=job.out,
-        results=results_dir(job.out),
+        out=out,
+        results=results_dir(out),
+        first_output_s=progress.first_s if pending else None,
     )

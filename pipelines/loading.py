@@ -21,6 +21,14 @@ class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says which and why."""
 
 
+def quiet_hf_progress() -> None:
+    """Per-component loading bars drown job logs; our own progress says what matters."""
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -347,6 +347,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def build_tiny_models(root: str | Path, names: Iterable[str] | None = None) -> Path:
     """Builds each named tiny model (all when None) under root/<name>/ and writes root/catalog.yaml; returns the catalog path."""
+    from pipelines.loading import quiet_hf_progress
+
+    quiet_hf_progress()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     selected = list(dict.fromkeys(TINY_MODELS if names is None else names))
