@@ -5,11 +5,14 @@ Schema (unknown keys are errors that name them):
     default_model: NAME            # optional; else the first pipeline
     models:
       NAME:
-        kind: pipeline             # later: controlnet, safety_checker, lora, embedding
+        kind: pipeline | controlnet | lora | embedding     # later: safety_checker
         source: DIR | ORG/REPO | s3://bucket/prefix   # relative DIRs are relative to this file
         revision: REV              # Hub sources only
-        tasks: [image]
+        tasks: [image, edit, video, mesh, audio]      # pipelines only: what rows it serves
         pipeline_class: CLASS      # a diffusers class built over the same components (from_pipe)
+        stages: [NAME, ...]        # cascades: later pipeline entries, each fed the previous output
+        controlnets: [NAME, ...]   # controlnet entries handed to pipeline_class
+        token: "<token>"           # embeddings: the prompt token it defines
         dtype: auto | float32 | float16 | bfloat16
         defaults: {num_inference_steps: 30, ...}      # call parameters under the row's own
         policy: {offload: none|model|sequential, attention_slicing: bool, vae_slicing: bool, vae_tiling: bool}
@@ -27,8 +30,8 @@ from typing import Any
 
 import yaml
 
-KINDS = ("pipeline",)
-TASKS = ("image",)
+KINDS = ("pipeline", "controlnet", "lora", "embedding")
+TASKS = ("image", "edit", "video", "mesh", "audio")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 OFFLOADS = ("none", "model", "sequential")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
@@ -41,9 +44,10 @@ class CatalogError(ValueError):
 class UnknownModel(KeyError):
     """A row or request names a model the catalog does not have."""
 
-    def __init__(self, name: str, known: list[str]):
+    def __init__(self, name: str, known: list[str], kind: str | None = None):
         super().__init__(name)
-        self.message = f"unknown model {name!r}; catalog has: {', '.join(known) or 'none'}"
+        what = f"model {name!r} is a {kind}, not usable here" if kind else f"unknown model {name!r}"
+        self.message = f"{what}; catalog has: {', '.join(known) or 'none'}"
 
     def __str__(self) -> str:
         return self.message
@@ -86,6 +90,9 @@ class ModelEntry:
     defaults: dict[str, Any] = field(default_factory=dict)
     policy: Policy = Policy()
     serve: ServeSettings = ServeSettings()
+    stages: tuple[str, ...] = ()
+    controlnets: tuple[str, ...] = ()
+    token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,10 +127,31 @@ class Catalog:
         if not isinstance(models_raw, dict) or not models_raw:
             raise CatalogError(f"{where}: 'models' must be a non-empty mapping")
         models = {str(n): _entry(str(n), spec, base_dir, f"{where}: models.{n}") for n, spec in models_raw.items()}
-        default = data.get("default_model") or next(n for n, m in models.items() if m.kind == "pipeline")
-        if default not in models:
-            raise CatalogError(f"{where}: default_model {default!r} is not in models")
+        for m in models.values():
+            for ref, kind in [(r, "pipeline") for r in m.stages] + [(r, "controlnet") for r in m.controlnets]:
+                if ref not in models or models[ref].kind != kind:
+                    raise CatalogError(f"{where}: models.{m.name} names {ref!r}, which is not a {kind} entry of this catalog")
+        pipelines = [n for n, m in models.items() if m.kind == "pipeline"]
+        if not pipelines:
+            raise CatalogError(f"{where}: no model of kind pipeline")
+        default = data.get("default_model") or pipelines[0]
+        if default not in pipelines:
+            raise CatalogError(f"{where}: default_model {default!r} is not a pipeline in models")
         return cls(models=models, default_model=default, path=path)
+
+    def pipeline(self, name: str | None) -> ModelEntry:
+        """Like get, but only pipelines can render rows."""
+        entry = self.get(name)
+        if entry.kind != "pipeline":
+            raise UnknownModel(entry.name, [n for n, m in self.models.items() if m.kind == "pipeline"], entry.kind)
+        return entry
+
+    def adapter(self, ref: str, kind: str) -> ModelEntry | None:
+        """The catalog entry a row's LoRA or embedding reference names, or None for a URI."""
+        entry = self.models.get(ref)
+        if entry is not None and entry.kind != kind:
+            raise UnknownModel(ref, [n for n, m in self.models.items() if m.kind == kind], entry.kind)
+        return entry
 
 
 def _check_keys(data: Any, allowed: set[str], where: str) -> None:
@@ -164,9 +192,18 @@ def _entry(name: str, spec: Any, base_dir: Path, where: str) -> ModelEntry:
     revision = spec.get("revision")
     if revision is not None and (source.startswith("s3://") or os.path.isabs(source)):
         raise CatalogError(f"{where}.revision: only Hub sources take a revision")
-    tasks = spec.get("tasks", ["image"])
-    if not isinstance(tasks, list) or not tasks or any(t not in TASKS for t in tasks):
+    tasks = spec.get("tasks", ["image"] if kind == "pipeline" else [])
+    if kind == "pipeline" and (not isinstance(tasks, list) or not tasks or any(t not in TASKS for t in tasks)):
         raise CatalogError(f"{where}.tasks: expected a non-empty list of {', '.join(TASKS)}, got {tasks!r}")
+    if kind != "pipeline" and tasks:
+        raise CatalogError(f"{where}.tasks: only pipelines serve tasks, not a {kind}")
+    for key in ("stages", "controlnets"):
+        value = spec.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or (value and kind != "pipeline"):
+            raise CatalogError(f"{where}.{key}: expected a list of catalog names on a pipeline, got {value!r}")
+    token = spec.get("token")
+    if (kind == "embedding") != isinstance(token, str):
+        raise CatalogError(f"{where}.token: embeddings need a token string; other kinds take none")
     dtype = spec.get("dtype", "auto")
     if dtype not in DTYPES:
         raise CatalogError(f"{where}.dtype: {dtype!r}; expected one of {', '.join(DTYPES)}")
@@ -190,6 +227,9 @@ def _entry(name: str, spec: Any, base_dir: Path, where: str) -> ModelEntry:
         defaults=dict(defaults),
         policy=policy,
         serve=_settings(ServeSettings, spec.get("serve"), f"{where}.serve"),
+        stages=tuple(spec.get("stages", [])),
+        controlnets=tuple(spec.get("controlnets", [])),
+        token=token,
     )
 
 

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -254,11 +255,37 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
     )
 
 
-TINY_MODELS: dict[str, Callable[[], DiffusionPipeline]] = {
-    "tiny-sd": build_tiny_sd,
-    "tiny-sdxl": build_tiny_sdxl,
+@dataclass(frozen=True)
+class TinySpec:
+    """How to write one tiny model into a directory, and its catalog entry (without `source`)."""
+
+    write: Callable[[Path], None] | None
+    entry: dict[str, Any]
+    """`source` defaults to the model's own directory; an entry over another tiny model's
+    directory (e.g. img2img over tiny-sd through `pipeline_class`) names it and has no writer."""
+
+
+def save_pipeline(builder: Callable[[], DiffusionPipeline]) -> Callable[[Path], None]:
+    """A writer that builds a pipeline and saves it as safetensors, tokenizer files included."""
+
+    def write(directory: Path) -> None:
+        pipe = builder()
+        pipe.save_pretrained(str(directory), safe_serialization=True)
+        _write_bpe_files(pipe, directory)
+
+    return write
+
+
+def image_entry(**extra: Any) -> dict[str, Any]:
+    """A text-to-image catalog entry with the tiny defaults."""
+    return {"kind": "pipeline", "tasks": ["image"], "defaults": dict(_DEFAULTS), **extra}
+
+
+TINY_MODELS: dict[str, TinySpec] = {
+    "tiny-sd": TinySpec(save_pipeline(build_tiny_sd), image_entry()),
+    "tiny-sdxl": TinySpec(save_pipeline(build_tiny_sdxl), image_entry()),
 }
-"""Name -> builder for every tiny model; the name is also its directory and catalog key."""
+"""Name -> spec for every tiny model; the name is also its directory and catalog key."""
 
 
 def _is_complete(model_dir: Path) -> bool:
@@ -290,15 +317,13 @@ _UMASK = _read_umask()
 def _build_one(root: Path, name: str) -> Path:
     """Builds one model into a temp dir beside its target and renames it into place, so readers never see half a build."""
     target = root / name
-    if _is_complete(target):
+    if TINY_MODELS[name].write is None or _is_complete(target):
         return target
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
     try:
         with torch.random.fork_rng(devices=[]):  # Seed for identical weights without disturbing the caller's RNG.
             torch.manual_seed(SEED)
-            pipe = TINY_MODELS[name]()
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
-        _write_bpe_files(pipe, tmp)
+            TINY_MODELS[name].write(tmp)
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700; the final dir should be readable like any other.
         (tmp / MARKER_FILE).write_text(json.dumps({"name": name, "seed": SEED}) + "\n", encoding="utf-8")
         if target.exists() and not _is_complete(target):
@@ -320,15 +345,7 @@ def _catalog(names: list[str]) -> dict[str, Any]:
     default = "tiny-sd" if "tiny-sd" in names else names[0]
     return {
         "default_model": default,
-        "models": {
-            name: {
-                "kind": "pipeline",
-                "source": name,
-                "tasks": ["image"],
-                "defaults": dict(_DEFAULTS),
-            }
-            for name in names
-        },
+        "models": {name: {"source": name, **TINY_MODELS[name].entry} for name in names},
     }
 
 

@@ -15,14 +15,46 @@ import pyarrow.dataset as pads
 
 from storage.fs import filesystem
 
-OUTPUT_FORMATS = ("png", "webp", "jpeg")
+TASKS = ("image", "edit", "video", "mesh", "audio")
+# Task -> accepted output formats, the first being the default.
+TASK_FORMATS = {
+    "image": ("png", "webp", "jpeg"),
+    "edit": ("png", "webp", "jpeg"),
+    "video": ("mp4", "gif", "webp"),
+    "mesh": ("glb", "ply", "obj"),
+    "audio": ("wav",),
+}
+OUTPUT_FORMATS = tuple(dict.fromkeys(f for fs in TASK_FORMATS.values() for f in fs))
 
 # Column name -> (type predicate, human description). Columns not listed here are
 # carried through to the results untouched.
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def _is_list_of(t: pa.DataType, item) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and item(t.value_type)
+
+
+def _is_lora_list(t: pa.DataType) -> bool:
+    def struct(v: pa.DataType) -> bool:
+        names = {v.field(i).name: v.field(i).type for i in range(v.num_fields)} if pa.types.is_struct(v) else {}
+        return "uri" in names and _is_string(names["uri"]) and ("scale" not in names or _is_number(names["scale"]))
+
+    return _is_list_of(t, struct)
+
+
 _KINDS = {
-    "string": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "string"),
+    "string": (_is_string, "string"),
     "int": (pa.types.is_integer, "integer"),
-    "number": (lambda t: pa.types.is_integer(t) or pa.types.is_floating(t), "number"),
+    "number": (_is_number, "number"),
+    "strings": (lambda t: _is_list_of(t, _is_string), "list<string>"),
+    "number_or_numbers": (lambda t: _is_number(t) or _is_list_of(t, _is_number), "number or list<number>"),
+    "loras": (_is_lora_list, "list<struct<uri: string, scale: number>>"),
 }
 MANIFEST_COLUMNS: dict[str, str] = {
     "id": "string",
@@ -36,10 +68,30 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "width": "int",
     "height": "int",
     "output_format": "string",
+    # edit
+    "image_uri": "string",
+    "mask_uri": "string",
+    "strength": "number",
+    "image_guidance_scale": "number",
+    # video
+    "num_frames": "int",
+    "fps": "number",
+    # audio
+    "audio_length_in_s": "number",
+    # class-conditional families
+    "class_label": "int",
+    # conditioning and adapters
+    "control_image_uris": "strings",
+    "controlnet_conditioning_scale": "number_or_numbers",
+    "loras": "loras",
+    "embeddings": "strings",
 }
-REQUIRED_COLUMNS = ("id", "prompt")
+REQUIRED_COLUMNS = ("id",)
+# A manifest needs prompts unless its rows can be driven by an input image or a class label.
+PROMPT_ALTERNATIVES = ("image_uri", "class_label")
 # Parameters a catalog entry may give defaults for.
-PARAMETERS = ("negative_prompt", "num_inference_steps", "guidance_scale", "width", "height", "output_format")
+PARAMETERS = ("negative_prompt", "num_inference_steps", "guidance_scale", "width", "height", "output_format",
+              "strength", "image_guidance_scale", "num_frames", "fps", "audio_length_in_s", "controlnet_conditioning_scale")
 
 
 class ManifestError(ValueError):
@@ -61,6 +113,11 @@ class Limits:
     max_steps: int = 200
     max_pixels: int = 2048 * 2048
     max_prompt_chars: int = 10_000
+    max_frames: int = 256
+    max_fps: float = 120.0
+    max_audio_s: float = 120.0
+    max_input_bytes: int = 50 * 1024 * 1024
+    max_input_pixels: int = 4096 * 4096
 
 
 def open_manifest(uri: str) -> pads.Dataset:
@@ -77,6 +134,8 @@ def open_manifest(uri: str) -> pads.Dataset:
 def check_schema(schema: pa.Schema) -> None:
     """Raises ManifestError naming every missing or mistyped column."""
     problems = [f"missing required column '{c}'" for c in REQUIRED_COLUMNS if c not in schema.names]
+    if "prompt" not in schema.names and not any(c in schema.names for c in PROMPT_ALTERNATIVES):
+        problems.append("missing required column 'prompt' (or 'image_uri'/'class_label' for families that take no prompt)")
     for name, kind in MANIFEST_COLUMNS.items():
         if name in schema.names:
             ok, description = _KINDS[kind]
@@ -120,19 +179,42 @@ class RowParams:
     width: int | None
     height: int | None
     output_format: str
+    image_uri: str | None = None
+    mask_uri: str | None = None
+    strength: float | None = None
+    image_guidance_scale: float | None = None
+    num_frames: int | None = None
+    fps: float | None = None
+    audio_length_in_s: float | None = None
+    class_label: int | None = None
+    control_image_uris: tuple[str, ...] = ()
+    controlnet_conditioning_scale: float | tuple[float, ...] | None = None
+    loras: tuple[tuple[str, float], ...] = ()
+    embeddings: tuple[str, ...] = ()
 
 
-def resolve_row(row: dict[str, Any], defaults: dict[str, Any], limits: Limits) -> RowParams:
+def _bounded(name: str, v: Any, low: float, high: float, code: str, cast: type = float) -> Any:
+    if v is None:
+        return None
+    if not (low <= cast(v) <= high):
+        raise RowError(code, f"{name}={v} must be in {low:g}..{high:g}")
+    return cast(v)
+
+
+def resolve_row(row: dict[str, Any], defaults: dict[str, Any], limits: Limits, needs_prompt: bool = True) -> RowParams:
     """Merges catalog defaults under a row's values and validates them (RowError on a bad value)."""
 
     def value(name: str) -> Any:
         v = row.get(name)
         return defaults.get(name) if v is None else v
 
+    task = row.get("task") or "image"
+    if task not in TASKS:
+        raise RowError("unknown_task", f"task={task!r}; expected one of {', '.join(TASKS)}")
     prompt = row.get("prompt")
-    if prompt is None or not str(prompt).strip():
+    if needs_prompt and (prompt is None or not str(prompt).strip()):
         raise RowError("missing_prompt", "row has no prompt")
-    if len(prompt) > limits.max_prompt_chars:
+    if prompt is not None and len(prompt) > limits.max_prompt_chars:
         raise RowError("invalid_prompt", f"prompt has {len(prompt)} characters, limit {limits.max_prompt_chars}")
     steps = value("num_inference_steps")
     if steps is not None and not (0 < int(steps) <= limits.max_steps):
@@ -142,17 +224,32 @@ def resolve_row(row: dict[str, Any], defaults: dict[str, Any], limits: Limits) -
         raise RowError("invalid_guidance", f"guidance_scale={guidance} must be in 0..100")
     width, height = value("width"), value("height")
     check_size(width, height, limits)
-    fmt = str(value("output_format") or "png").lower()
+    formats = TASK_FORMATS[task]
+    fmt = str(value("output_format") or formats[0]).lower()
     if fmt == "jpg":
         fmt = "jpeg"
-    if fmt not in OUTPUT_FORMATS:
-        raise RowError("invalid_output_format", f"output_format={fmt!r}; expected one of {', '.join(OUTPUT_FORMATS)}")
+    if fmt not in formats:
+        raise RowError("invalid_output_format", f"output_format={fmt!r} for task {task}; expected one of {', '.join(formats)}")
+    if task == "edit" and not row.get("image_uri"):
+        raise RowError("missing_input", "edit rows need an image_uri")
+    if row.get("mask_uri") and not row.get("image_uri"):
+        raise RowError("missing_input", "mask_uri needs an image_uri")
+    scale = value("controlnet_conditioning_scale")
+    if isinstance(scale, (list, tuple)):
+        scale = tuple(_bounded("controlnet_conditioning_scale", v, 0.0, 10.0, "invalid_controlnet_scale") for v in scale)
+    else:
+        scale = _bounded("controlnet_conditioning_scale", scale, 0.0, 10.0, "invalid_controlnet_scale")
+    loras = []
+    for item in row.get("loras") or []:
+        if not item or not item.get("uri"):
+            raise RowError("invalid_lora", f"loras entries need a uri, got {item!r}")
+        loras.append((str(item["uri"]), _bounded("lora scale", 1.0 if item.get("scale") is None else item["scale"], -10.0, 10.0, "invalid_lora")))
     seed = row.get("seed")
     if seed is not None and not (0 <= int(seed) < 2**63):
         raise RowError("invalid_seed", f"seed={seed} must be in 0..2**63-1")
     return RowParams(
         id=row["id"],
-        task=row.get("task") or "image",
+        task=task,
         prompt=prompt,
         negative_prompt=value("negative_prompt"),
         seed=derive_seed(row["id"]) if seed is None else int(seed),
@@ -161,6 +258,18 @@ def resolve_row(row: dict[str, Any], defaults: dict[str, Any], limits: Limits) -
         width=None if width is None else int(width),
         height=None if height is None else int(height),
         output_format=fmt,
+        image_uri=row.get("image_uri"),
+        mask_uri=row.get("mask_uri"),
+        strength=_bounded("strength", value("strength"), 0.0, 1.0, "invalid_strength"),
+        image_guidance_scale=_bounded("image_guidance_scale", value("image_guidance_scale"), 0.0, 100.0, "invalid_guidance"),
+        num_frames=_bounded("num_frames", value("num_frames"), 1, limits.max_frames, "invalid_frames", int),
+        fps=_bounded("fps", value("fps"), 0.1, limits.max_fps, "invalid_fps"),
+        audio_length_in_s=_bounded("audio_length_in_s", value("audio_length_in_s"), 0.1, limits.max_audio_s, "invalid_audio_length"),
+        class_label=None if row.get("class_label") is None else int(row["class_label"]),
+        control_image_uris=tuple(row.get("control_image_uris") or ()),
+        controlnet_conditioning_scale=scale,
+        loras=tuple(loras),
+        embeddings=tuple(row.get("embeddings") or ()),
     )
 
 

@@ -35,7 +35,11 @@ def test_unknown_keys_are_named(tmp_path):
         ({"models": {"a": {"source": "m", "kind": "widget"}}}, "kind: 'widget' is not supported"),
         ({"models": {"a": {"source": "m", "tasks": ["painting"]}}}, "tasks"),
         ({"models": {"a": {"source": "not a dir or hub id"}}}, "neither an existing local directory nor a Hub repo id"),
-        ({"models": {"a": {"source": "m"}}, "default_model": "b"}, "default_model 'b' is not in models"),
+        ({"models": {"a": {"source": "m"}}, "default_model": "b"}, "default_model 'b' is not a pipeline in models"),
+        ({"models": {"a": {"source": "m", "stages": ["zz"]}}}, "names 'zz', which is not a pipeline entry"),
+        ({"models": {"a": {"source": "m", "controlnets": ["a"]}}}, "names 'a', which is not a controlnet entry"),
+        ({"models": {"a": {"source": "m"}, "e": {"source": "m", "kind": "embedding"}}}, "embeddings need a token"),
+        ({"models": {"a": {"source": "m"}, "l": {"source": "m", "kind": "lora", "tasks": ["image"]}}}, "only pipelines serve tasks"),
     ]
     for data, message in cases:
         with pytest.raises(CatalogError, match=message):
