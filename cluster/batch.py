@@ -12,9 +12,13 @@ from cluster.resources import WorkerPlan
 from storage.fs import filesystem
 
 
-def drop_finished(batch: pa.Table, finished: pa.Array) -> pa.Table:
-    """Keeps the rows whose id has no final result yet."""
-    return batch.filter(pc.invert(pc.is_in(batch["id"], value_set=finished)))
+def prepare_block(batch: pa.Table, finished: pa.Array) -> pa.Table:
+    """Drops rows that already have a final result and orders the rest by model and task,
+    so that the batches cut from this block rarely switch models."""
+    if len(finished):
+        batch = batch.filter(pc.invert(pc.is_in(batch["id"], value_set=finished)))
+    keys = [(c, "ascending") for c in ("model", "task") if c in batch.column_names]
+    return batch.sort_by(keys) if keys and batch.num_rows > 1 else batch
 
 
 def render_dataset(manifest: str, finished: pa.Array, config: RendererConfig, plan: WorkerPlan, batch_size: int) -> Dataset:
@@ -23,8 +27,7 @@ def render_dataset(manifest: str, finished: pa.Array, config: RendererConfig, pl
     ctx.enable_progress_bars = False  # the job prints its own progress
     fs, path = filesystem(manifest)
     ds = ray.data.read_parquet(path, filesystem=fs)
-    if len(finished):
-        ds = ds.map_batches(drop_finished, fn_kwargs={"finished": finished}, batch_format="pyarrow", batch_size=None)
+    ds = ds.map_batches(prepare_block, fn_kwargs={"finished": finished}, batch_format="pyarrow", batch_size=None)
     # One Parquet file is one block; small streaming blocks let every actor get rows.
     ds = ds.repartition(target_num_rows_per_block=batch_size)
     return ds.map_batches(

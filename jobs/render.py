@@ -53,6 +53,7 @@ class JobReport:
     out: str
     results: str
     first_output_s: float | None = None
+    model_loads: int = 0
 
     @property
     def rendered_per_s(self) -> float:
@@ -73,10 +74,20 @@ class JobReport:
             f"speed: {self.rendered_per_s:.2f} images/s over {self.elapsed_s:.1f} s "
             f"({self.steady_per_s:.2f} rows/s after the first output at {self.first_output_s or 0:.1f} s)",
         ]
+        lines.append(f"model loads: {self.model_loads}")
         if self.failures:
             lines.append("failures: " + ", ".join(f"{k}={v}" for k, v in self.failures.items()))
         lines += [f"outputs: {self.out}", f"results: {self.results}"]
         return lines
+
+
+def manifest_folder(manifest: str) -> str:
+    """Where relative input URIs in the manifest point from: its folder (or itself, for a dataset folder)."""
+    if not is_s3(manifest) and os.path.isdir(manifest):
+        return manifest
+    if is_s3(manifest) and not manifest.endswith(".parquet"):
+        return manifest
+    return manifest.rsplit("/", 1)[0]
 
 
 def resolve_catalog(path: str | None, stream: TextIO = sys.stderr) -> str:
@@ -103,6 +114,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
     pending = len(ids) - skipped
     counts: Counter[str] = Counter()
     failures: Counter[str] = Counter()
+    model_loads = 0
     started = time.monotonic()
     if pending:
         connect(job.address)
@@ -113,6 +125,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
             limits=job.limits,
             torch_threads=job.torch_threads or plan.torch_threads,
             env=storage_env(),
+            input_base=manifest_folder(manifest),
         )
         stream.write(
             f"[renderfleet] rendering {pending} rows ({skipped} already done) on {plan.workers} workers "
@@ -127,6 +140,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
                 statuses = batch["status"].to_pylist()
                 counts.update(statuses)
                 failures.update(error_code(e) for s, e in zip(statuses, batch["error"].to_pylist()) if s == "failed")
+                model_loads += pc.sum(batch["model_loads"]).as_py() or 0
                 progress.update(statuses)
         finally:
             writer.flush()
@@ -140,4 +154,5 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
         out=out,
         results=results_dir(out),
         first_output_s=progress.first_s if pending else None,
+        model_loads=model_loads,
     )

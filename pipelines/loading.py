@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import torch
 from diffusers import DiffusionPipeline
 
-from pipelines.catalog import ModelEntry, Policy
+from pipelines.catalog import Policy
 
 log = logging.getLogger(__name__)
 
@@ -59,25 +60,51 @@ def check_safetensors(model_dir: str | os.PathLike) -> None:
         )
 
 
-def load_pipeline(entry: ModelEntry, local_source: str, device: torch.device) -> DiffusionPipeline:
-    """Loads `entry` from a local dir or Hub id, builds its pipeline_class over it, applies its policy."""
-    dtype = pick_dtype(entry.dtype, device)
-    if os.path.isdir(local_source):
-        check_safetensors(local_source)
+def load_base(source: str, revision: str | None, dtype: torch.dtype) -> DiffusionPipeline:
+    """Loads a checkpoint (local dir or Hub id, safetensors only) as its own pipeline class."""
+    if os.path.isdir(source):
+        check_safetensors(source)
     try:
-        pipe = DiffusionPipeline.from_pretrained(
-            local_source, revision=entry.revision, dtype=dtype, use_safetensors=True
-        )
+        pipe = DiffusionPipeline.from_pretrained(source, revision=revision, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, EnvironmentError) as e:
-        raise ModelLoadError(f"cannot load model {entry.name!r} from {local_source}: {e}") from e
-    if entry.pipeline_class and type(pipe).__name__ != entry.pipeline_class:
-        cls = getattr(diffusers, entry.pipeline_class, None)
-        if cls is None or not hasattr(cls, "from_pipe"):
-            raise ModelLoadError(f"model {entry.name!r}: pipeline_class {entry.pipeline_class!r} is not a diffusers pipeline")
-        pipe = cls.from_pipe(pipe)
+        raise ModelLoadError(f"cannot load {source}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
-    apply_policy(pipe, entry.policy, device)
     return pipe
+
+
+def derive(base: DiffusionPipeline, pipeline_class: str | None, **components: Any) -> DiffusionPipeline:
+    """Another diffusers pipeline over the same loaded components (weights shared, not reloaded)."""
+    if not pipeline_class or (type(base).__name__ == pipeline_class and not components):
+        return base
+    cls = getattr(diffusers, pipeline_class, None)
+    if cls is None or not hasattr(cls, "from_pipe"):
+        raise ModelLoadError(f"pipeline_class {pipeline_class!r} is not a diffusers pipeline")
+    try:
+        pipe = cls.from_pipe(base, **components)
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"cannot build {pipeline_class} over {type(base).__name__}: {e}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_controlnet(source: str, revision: str | None, dtype: torch.dtype, device: torch.device) -> Any:
+    """A ControlNet model for a pipeline's `controlnet` component."""
+    if os.path.isdir(source):
+        check_safetensors(source)
+    try:
+        return diffusers.ControlNetModel.from_pretrained(source, revision=revision, dtype=dtype, use_safetensors=True).to(device)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelLoadError(f"cannot load controlnet {source}: {e}") from e
+
+
+def memory_bytes(pipe: DiffusionPipeline) -> int:
+    """Bytes held by the pipeline's weights, for the per-actor model budget."""
+    total = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            total += sum(t.numel() * t.element_size() for t in component.parameters())
+            total += sum(t.numel() * t.element_size() for t in component.buffers())
+    return total
 
 
 def apply_policy(pipe: DiffusionPipeline, policy: Policy, device: torch.device) -> None:

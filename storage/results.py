@@ -37,6 +37,7 @@ RESULT_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("render_s", pa.float64()),
         ("worker", pa.string()),
+        ("model_loads", pa.int32()),  # checkpoints the actor loaded while rendering this row's batch
     ]
 )
 

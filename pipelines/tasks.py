@@ -1,0 +1,185 @@
+"""Per-task adapters: a group of rows to one pipeline call's arguments, and its output to files.
+
+One adapter serves every diffusers family whose inputs and outputs match a task: arguments
+are filtered by the pipeline's own signature, and the few names that differ per family are
+mapped in FAMILY_ARGUMENTS. Adding a family should mean a catalog entry, not code here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+# Our argument name -> the family's, by pipeline class name.
+FAMILY_ARGUMENTS: dict[str, dict[str, str]] = {
+    "TextToVideoZeroPipeline": {"num_frames": "video_length"},
+    "StableAudioPipeline": {"audio_length_in_s": "audio_end_in_s"},
+    "ShapEPipeline": {"width": "frame_size"},
+    "ShapEImg2ImgPipeline": {"width": "frame_size"},
+    "ConsistencyModelPipeline": {"class_label": "class_labels"},
+}
+# Families whose __call__ renders one prompt at a time.
+UNBATCHED = {"TextToVideoZeroPipeline"}
+# Arguments that only make sense at one value per call (everything else is per row).
+SHARED = ("num_inference_steps", "guidance_scale", "width", "height", "strength", "image_guidance_scale",
+          "num_frames", "audio_length_in_s", "controlnet_conditioning_scale")
+# Where each task's decoded outputs live on the pipeline's output object.
+OUTPUT_FIELD = {"image": "images", "edit": "images", "video": "frames", "audio": "audios", "mesh": "images"}
+
+
+@dataclass
+class Request:
+    """One row, decoded: what varies per item inside a call."""
+
+    seed: int
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    image: Image.Image | None = None
+    mask_image: Image.Image | None = None
+    control_images: list[Image.Image] = field(default_factory=list)
+    class_label: int | None = None
+
+
+def call_parameters(pipe: DiffusionPipeline) -> set[str]:
+    """Names the pipeline's __call__ accepts, so one adapter serves many families."""
+    return set(inspect.signature(pipe.__call__).parameters)
+
+
+def takes_prompt(pipe: DiffusionPipeline) -> bool:
+    """Class-conditional and image-to-3D families render without a prompt."""
+    return "prompt" in call_parameters(pipe)
+
+
+def generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per row: results match across devices and batch compositions."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def call_arguments(pipe: DiffusionPipeline, shared: dict[str, Any], requests: list[Request], **extra: Any) -> dict[str, Any]:
+    """The keyword arguments for one call over `requests`, in the family's own vocabulary."""
+    accepted = call_parameters(pipe)
+    renames = FAMILY_ARGUMENTS.get(type(pipe).__name__, {})
+    kwargs: dict[str, Any] = {"generator": generators([r.seed for r in requests])}
+    per_item: dict[str, list[Any]] = {
+        "prompt": [r.prompt for r in requests],
+        "negative_prompt": [r.negative_prompt for r in requests],
+        "image": [r.image for r in requests],
+        "mask_image": [r.mask_image for r in requests],
+        "class_label": [r.class_label for r in requests],
+    }
+    for name, values in per_item.items():
+        if all(v is None for v in values):
+            continue
+        if name == "negative_prompt":
+            values = [v or "" for v in values]
+        kwargs[renames.get(name, name)] = values
+    if requests[0].control_images:
+        per_net = list(zip(*[r.control_images for r in requests]))
+        kwargs["image" if "control_image" not in accepted else "control_image"] = (
+            list(per_net[0]) if len(per_net) == 1 else [list(images) for images in per_net]
+        )
+    for name, value in shared.items():
+        if value is not None:
+            kwargs[renames.get(name, name)] = list(value) if isinstance(value, tuple) else value
+    kwargs.update(extra)
+    if "num_images_per_prompt" in accepted and "batch_size" in accepted and "prompt" not in accepted:
+        kwargs["batch_size"] = len(requests)
+    return {k: v for k, v in kwargs.items() if k in accepted}
+
+
+def to_pil(images: Any) -> list[Image.Image]:
+    """Images as PIL, whatever form the family returned them in."""
+    if isinstance(images, list) and all(isinstance(i, Image.Image) for i in images):
+        return images
+    array = images.detach().cpu().float().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if array.ndim == 4 and array.shape[1] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(0, 2, 3, 1)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in array]
+
+
+def intermediate_output_type(next_stage: DiffusionPipeline) -> str:
+    """What a cascade stage hands on: latents to an SDXL-style refiner, pixels as tensors otherwise."""
+    return "latent" if "Img2Img" in type(next_stage).__name__ else "pt"
+
+
+def render_group(task: str, stages: list[DiffusionPipeline], shared: dict[str, Any], requests: list[Request]) -> list[Any]:
+    """Runs one group through the pipeline (and any later cascade stages); returns one decoded output per request.
+
+    Decoded outputs: image/edit -> PIL image; video -> list of HxWx3 uint8 frames;
+    audio -> (waveform, sample rate); mesh -> trimesh.Trimesh.
+    """
+    first = stages[0]
+    if type(first).__name__ in UNBATCHED and len(requests) > 1:
+        return [out for r in requests for out in render_group(task, stages, shared, [r])]
+    with torch.inference_mode():
+        extra: dict[str, Any] = {"output_type": _final_output_type(task)}
+        if len(stages) > 1:
+            extra["output_type"] = intermediate_output_type(stages[1])
+        result = first(**call_arguments(first, shared, requests, **extra))
+        for i, stage in enumerate(stages[1:], start=1):
+            handoff = result.images
+            out_type = intermediate_output_type(stages[i + 1]) if i + 1 < len(stages) else _final_output_type(task)
+            stage_shared = {k: v for k, v in shared.items() if k in ("num_inference_steps", "guidance_scale")}
+            result = stage(**call_arguments(stage, stage_shared, [_without_inputs(r) for r in requests],
+                                            image=handoff, output_type=out_type))
+    return decode(task, stages[-1], getattr(result, OUTPUT_FIELD[task]), len(requests))
+
+
+def _without_inputs(request: Request) -> Request:
+    """Later cascade stages take the previous stage's output, not the row's own input image."""
+    return Request(seed=request.seed, prompt=request.prompt, negative_prompt=request.negative_prompt,
+                   class_label=request.class_label)
+
+
+def _final_output_type(task: str) -> str:
+    return {"image": "pil", "edit": "pil", "video": "np", "audio": "np", "mesh": "mesh"}[task]
+
+
+def decode(task: str, pipe: DiffusionPipeline, outputs: Any, count: int) -> list[Any]:
+    """Per-request decoded outputs from a pipeline's output field."""
+    if task in ("image", "edit"):
+        images = to_pil(outputs)
+    elif task == "video":
+        from pipelines.video import split_batch_frames
+
+        images = split_batch_frames(outputs, count)
+    elif task == "audio":
+        from pipelines.audio import audio_waveforms, sample_rate
+
+        rate = sample_rate(pipe)
+        images = [(w, rate) for w in audio_waveforms(outputs, count)]
+    else:
+        from pipelines.mesh import meshes_from_output
+
+        images = meshes_from_output(outputs, count)
+    if len(images) != count:
+        raise RuntimeError(f"pipeline returned {len(images)} outputs for {count} requests")
+    return images
+
+
+def encode(task: str, decoded: Any, output_format: str, fps: float | None = None, extras: dict | None = None) -> tuple[bytes, str, str]:
+    """File bytes, extension and content type for one decoded output."""
+    if task in ("image", "edit"):
+        from pipelines.encode import encode_image
+
+        return encode_image(decoded, output_format)
+    if task == "video":
+        from pipelines.video import encode_video
+
+        return encode_video(decoded, fps or 8.0, output_format)
+    if task == "audio":
+        from pipelines.audio import encode_wav
+
+        waveform, rate = decoded
+        return encode_wav(waveform, rate)
+    from pipelines.mesh import encode_mesh
+
+    return encode_mesh(decoded, output_format, extras)
