@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -38,7 +38,7 @@ from pipelines.tasks import Request, call_parameters, encode, render_group, take
 from storage.cache import fetch_prefix
 from storage.fs import is_s3, join, read_bytes, write_bytes
 from storage.keys import id_hash, output_key
-from storage.manifest import MANIFEST_COLUMNS, PARAMETERS, Limits, RowError, RowParams, check_size, resolve_row
+from storage.manifest import MANIFEST_COLUMNS, PARAMETERS, TASKS, Limits, RowError, RowParams, check_size, resolve_row
 from storage.results import RESULT_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,26 @@ def default_budget(device: torch.device) -> int:
     import psutil
 
     return int(psutil.virtual_memory().available * 0.5)
+
+
+def extra_defaults(entry: ModelEntry) -> dict[str, Any]:
+    """Catalog defaults that are family-specific call arguments (t0, noise_level, ...), passed as they are."""
+    return {k: v for k, v in entry.defaults.items() if k not in PARAMETERS}
+
+
+def stage_defaults(entry: ModelEntry) -> dict[str, Any]:
+    """A later cascade stage runs on its own catalog defaults."""
+    names = ("num_inference_steps", "guidance_scale", "strength")
+    return {**extra_defaults(entry), **{k: entry.defaults[k] for k in names if k in entry.defaults}}
+
+
+def output_size(task: str, decoded: Any) -> tuple[int | None, int | None]:
+    """The size actually rendered (cascades and class-conditional families pick their own)."""
+    if task in ("image", "edit"):
+        return decoded.size
+    if task == "video" and len(decoded):
+        return decoded[0].shape[1], decoded[0].shape[0]
+    return None, None
 
 
 @dataclass
@@ -150,6 +170,8 @@ class Renderer:
         except UnknownModel as e:
             raise RowError("unknown_model", e.message) from None
         task = row.get("task") or "image"
+        if task not in TASKS:
+            raise RowError("unknown_task", f"task={task!r}; expected one of {', '.join(TASKS)}")
         if task not in entry.tasks:
             raise RowError("unsupported_task", f"model {entry.name!r} serves {', '.join(entry.tasks)}, not {task!r}")
         pipe = self._stages(entry)[0]
@@ -157,6 +179,13 @@ class Renderer:
         accepted = call_parameters(pipe)
         if not takes_prompt(pipe) and "image" in accepted and not params.image_uri and "class_labels" not in accepted:
             raise RowError("missing_input", f"model {entry.name!r} renders from an input image: the row needs image_uri")
+        classes = getattr(getattr(getattr(pipe, "unet", None), "config", None), "num_class_embeds", None)
+        if "class_labels" in accepted and classes:
+            # Left out, class-conditional families draw labels unseeded: derive one from the seed instead.
+            label = params.seed % classes if params.class_label is None else params.class_label
+            if not 0 <= label < classes:
+                raise RowError("invalid_class_label", f"class_label={label} must be in 0..{classes - 1} for {entry.name!r}")
+            params = replace(params, class_label=label)
         if len(params.control_image_uris) != len(entry.controlnets):
             raise RowError("invalid_control_images", f"model {entry.name!r} takes {len(entry.controlnets)} control images "
                                                      f"(control_image_uris), got {len(params.control_image_uris)}")
@@ -314,14 +343,21 @@ class Renderer:
         try:
             stages = self._stages(first.entry)
             key = self.pipelines[first.entry.name][0]
-            loras, embeddings = self._adapter_refs(p)
-            self.adapters[key].activate(stages[0], loras, embeddings)
-            shared = {k: v for k, v in first.entry.defaults.items() if k not in PARAMETERS}
+            try:
+                loras, embeddings = self._adapter_refs(p)
+                self.adapters[key].activate(stages[0], loras, embeddings)
+            except RowError:
+                raise
+            except (FileNotFoundError, OSError, ValueError) as e:
+                raise RowError("model_load_error", f"cannot load adapters {p.loras or ''} {p.embeddings or ''}: {e}") from None
+            shared = extra_defaults(first.entry)
             shared.update(num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale, width=first.width,
                           height=first.height, strength=p.strength, image_guidance_scale=p.image_guidance_scale,
                           num_frames=p.num_frames, audio_length_in_s=p.audio_length_in_s,
                           controlnet_conditioning_scale=p.controlnet_conditioning_scale)
-            decoded = render_group(p.task, stages, shared, [j.request for j in jobs])
+            later = [self.catalog.pipeline(n) for n in first.entry.stages]
+            decoded = render_group(p.task, [(stages[0], shared)] + [(pipe, stage_defaults(e)) for pipe, e in zip(stages[1:], later)],
+                                   [j.request for j in jobs])
         except RowError as e:
             return [(j, self._result(rows[j.index], status="failed", error=str(e), job=j)) for j in jobs]
         except Exception as e:  # noqa: BLE001 - a render failure is a row failure, never a job failure
@@ -342,10 +378,13 @@ class Renderer:
         except Exception as e:  # noqa: BLE001
             log.exception("cannot encode or write row %r", p.id)
             return self._result(row, status="failed", error=f"write_error: {type(e).__name__}: {e}", job=job)
+        width, height = output_size(p.task, decoded)
         return self._result(
             row,
             status="ok",
             job=job,
+            width=width,
+            height=height,
             output_uri=uri,
             sha256=hashlib.sha256(data).hexdigest(),
             render_s=render_s + time.perf_counter() - started,

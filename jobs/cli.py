@@ -58,9 +58,13 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import write_demo_manifest
 
+    from jobs.report import write_report
+
     manifest = write_demo_manifest(args.out, args.rows)
     print(f"demo manifest: {manifest}")
-    return _run_job(_job(args, manifest, args.out))
+    status = _run_job(_job(args, manifest, args.out))
+    print(f"report: {write_report(args.out)}")
+    return status
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -71,6 +75,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"rows: {s.total}  " + "  ".join(f"{k}={s.by_status.get(k, 0)}" for k in ("ok", "failed", "filtered")))
     for reason, n in s.failures.items():
         print(f"  failed {reason}: {n}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from jobs.report import write_report
+
+    print(f"report: {write_report(args.out)}")
     return 0
 
 
@@ -100,6 +111,10 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="counts by status and failures by reason")
     s.add_argument("out")
     s.set_defaults(func=cmd_status)
+
+    g = sub.add_parser("report", help="write OUT/report.html: a self-contained gallery of the outputs and results")
+    g.add_argument("out")
+    g.set_defaults(func=cmd_report)
 
     m = sub.add_parser("models", help="model utilities")
     msub = m.add_subparsers(dest="models_command", required=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -18,7 +19,7 @@ from cluster.renderer import RendererConfig, storage_env
 from cluster.resources import plan_workers
 from cluster.runtime import connect
 from pipelines.catalog import Catalog, default_catalog_path
-from storage.fs import is_s3
+from storage.fs import is_s3, join, write_bytes
 from storage.manifest import Limits, check_ids, check_schema, open_manifest
 from storage.results import ResultsWriter, error_code, finished_ids, results_dir
 from jobs.progress import Progress
@@ -145,7 +146,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
         finally:
             writer.flush()
             progress.close()
-    return JobReport(
+    report = JobReport(
         total=len(ids),
         skipped=skipped,
         counts=dict(counts),
@@ -156,3 +157,17 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
         first_output_s=progress.first_s if pending else None,
         model_loads=model_loads,
     )
+    if pending:
+        record_run(out, writer.run_id, report, plan.workers)
+    return report
+
+
+def record_run(out: str, run_id: str, report: JobReport, workers: int) -> None:
+    """Keeps each run's figures beside its results, for reports and benchmarks."""
+    summary = {
+        "run_id": run_id, "rendered": sum(report.counts.values()), "counts": report.counts,
+        "failures": report.failures, "skipped": report.skipped, "elapsed_s": report.elapsed_s,
+        "rows_per_s": report.rendered_per_s, "steady_rows_per_s": report.steady_per_s,
+        "model_loads": report.model_loads, "workers": workers,
+    }
+    write_bytes(join(out, "runs", f"{run_id}.json"), json.dumps(summary, indent=1).encode())

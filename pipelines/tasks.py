@@ -22,8 +22,9 @@ FAMILY_ARGUMENTS: dict[str, dict[str, str]] = {
     "StableAudioPipeline": {"audio_length_in_s": "audio_end_in_s"},
     "ShapEPipeline": {"width": "frame_size"},
     "ShapEImg2ImgPipeline": {"width": "frame_size"},
-    "ConsistencyModelPipeline": {"class_label": "class_labels"},
 }
+# Families that only batch input images already run through their own image processor.
+IMAGE_PROCESSOR_INPUT = {"ShapEImg2ImgPipeline"}
 # Families whose __call__ renders one prompt at a time.
 UNBATCHED = {"TextToVideoZeroPipeline"}
 # Arguments that only make sense at one value per call (everything else is per row).
@@ -71,7 +72,7 @@ def call_arguments(pipe: DiffusionPipeline, shared: dict[str, Any], requests: li
         "negative_prompt": [r.negative_prompt for r in requests],
         "image": [r.image for r in requests],
         "mask_image": [r.mask_image for r in requests],
-        "class_label": [r.class_label for r in requests],
+        "class_labels": [r.class_label for r in requests],
     }
     for name, values in per_item.items():
         if all(v is None for v in values):
@@ -81,16 +82,28 @@ def call_arguments(pipe: DiffusionPipeline, shared: dict[str, Any], requests: li
         kwargs[renames.get(name, name)] = values
     if requests[0].control_images:
         per_net = list(zip(*[r.control_images for r in requests]))
-        kwargs["image" if "control_image" not in accepted else "control_image"] = (
-            list(per_net[0]) if len(per_net) == 1 else [list(images) for images in per_net]
-        )
+        # One ControlNet: a list per prompt. Several: one (B, 3, H, W) batch per ControlNet, the
+        # form both SD and SDXL accept with a control image per prompt.
+        control = list(per_net[0]) if len(per_net) == 1 else [_image_batch(images) for images in per_net]
+        kwargs["control_image" if "control_image" in accepted else "image"] = control
+    if type(pipe).__name__ in IMAGE_PROCESSOR_INPUT and kwargs.get("image") is not None:
+        kwargs["image"] = pipe.image_processor(kwargs["image"], return_tensors="pt").pixel_values
     for name, value in shared.items():
-        if value is not None:
-            kwargs[renames.get(name, name)] = list(value) if isinstance(value, tuple) else value
+        if value is None:
+            continue
+        if isinstance(value, tuple):
+            value = value[0] if len(value) == 1 else list(value)
+        kwargs[renames.get(name, name)] = value
     kwargs.update(extra)
     if "num_images_per_prompt" in accepted and "batch_size" in accepted and "prompt" not in accepted:
         kwargs["batch_size"] = len(requests)
     return {k: v for k, v in kwargs.items() if k in accepted}
+
+
+def _image_batch(images: tuple[Image.Image, ...] | list[Image.Image]) -> torch.Tensor:
+    """PIL images as one (B, 3, H, W) float batch in [0, 1]."""
+    arrays = [np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 def to_pil(images: Any) -> list[Image.Image]:
@@ -110,27 +123,31 @@ def intermediate_output_type(next_stage: DiffusionPipeline) -> str:
     return "latent" if "Img2Img" in type(next_stage).__name__ else "pt"
 
 
-def render_group(task: str, stages: list[DiffusionPipeline], shared: dict[str, Any], requests: list[Request]) -> list[Any]:
-    """Runs one group through the pipeline (and any later cascade stages); returns one decoded output per request.
+def render_group(task: str, stages: list[tuple[DiffusionPipeline, dict[str, Any]]], requests: list[Request]) -> list[Any]:
+    """Runs one group through the pipeline and any later cascade stages, each with its own shared
+    arguments; returns one decoded output per request.
 
     Decoded outputs: image/edit -> PIL image; video -> list of HxWx3 uint8 frames;
     audio -> (waveform, sample rate); mesh -> trimesh.Trimesh.
     """
-    first = stages[0]
+    first, shared = stages[0]
     if type(first).__name__ in UNBATCHED and len(requests) > 1:
-        return [out for r in requests for out in render_group(task, stages, shared, [r])]
+        return [out for r in requests for out in render_group(task, stages, [r])]
+
+    def output_type(i: int) -> str:
+        return intermediate_output_type(stages[i + 1][0]) if i + 1 < len(stages) else _final_output_type(task)
+
     with torch.inference_mode():
-        extra: dict[str, Any] = {"output_type": _final_output_type(task)}
-        if len(stages) > 1:
-            extra["output_type"] = intermediate_output_type(stages[1])
-        result = first(**call_arguments(first, shared, requests, **extra))
-        for i, stage in enumerate(stages[1:], start=1):
-            handoff = result.images
-            out_type = intermediate_output_type(stages[i + 1]) if i + 1 < len(stages) else _final_output_type(task)
-            stage_shared = {k: v for k, v in shared.items() if k in ("num_inference_steps", "guidance_scale")}
+        result = first(**call_arguments(first, shared, requests, output_type=output_type(0)))
+        for i, (stage, stage_shared) in enumerate(stages[1:], start=1):
+            if "denoising_end" in shared:  # an ensemble of experts: the refiner starts where the base stopped
+                stage_shared = {"denoising_start": shared["denoising_end"], **stage_shared}
             result = stage(**call_arguments(stage, stage_shared, [_without_inputs(r) for r in requests],
-                                            image=handoff, output_type=out_type))
-    return decode(task, stages[-1], getattr(result, OUTPUT_FIELD[task]), len(requests))
+                                            image=result.images, output_type=output_type(i)))
+    outputs = getattr(result, OUTPUT_FIELD[task], None)
+    if outputs is None:  # e.g. Text2Video-Zero returns its frames as `.images`
+        outputs = result.images
+    return decode(task, stages[-1][0], outputs, len(requests))
 
 
 def _without_inputs(request: Request) -> Request:

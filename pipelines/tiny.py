@@ -288,6 +288,28 @@ TINY_MODELS: dict[str, TinySpec] = {
 """Name -> spec for every tiny model; the name is also its directory and catalog key."""
 
 
+FAMILY_MODULES = ("tiny_edits", "tiny_cascades", "tiny_video", "tiny_audio", "tiny_mesh")
+"""Modules under pipelines/ whose `*_MODELS` dicts add families to the factory."""
+
+
+def all_tiny_models() -> dict[str, TinySpec]:
+    """Every tiny model of every family (imported lazily: family modules import this one)."""
+    import importlib
+
+    models = dict(TINY_MODELS)
+    for module_name in FAMILY_MODULES:
+        try:
+            module = importlib.import_module(f"pipelines.{module_name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"pipelines.{module_name}":
+                raise
+            continue
+        for attr, value in vars(module).items():
+            if attr.endswith("_MODELS") and isinstance(value, dict):
+                models.update(value)
+    return models
+
+
 def _is_complete(model_dir: Path) -> bool:
     """A model dir counts as built only once its marker (written last) exists."""
     return (model_dir / MARKER_FILE).is_file()
@@ -317,13 +339,14 @@ _UMASK = _read_umask()
 def _build_one(root: Path, name: str) -> Path:
     """Builds one model into a temp dir beside its target and renames it into place, so readers never see half a build."""
     target = root / name
-    if TINY_MODELS[name].write is None or _is_complete(target):
+    spec = all_tiny_models()[name]
+    if spec.write is None or _is_complete(target):
         return target
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
     try:
         with torch.random.fork_rng(devices=[]):  # Seed for identical weights without disturbing the caller's RNG.
             torch.manual_seed(SEED)
-            TINY_MODELS[name].write(tmp)
+            spec.write(tmp)
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700; the final dir should be readable like any other.
         (tmp / MARKER_FILE).write_text(json.dumps({"name": name, "seed": SEED}) + "\n", encoding="utf-8")
         if target.exists() and not _is_complete(target):
@@ -342,10 +365,11 @@ def _build_one(root: Path, name: str) -> Path:
 
 def _catalog(names: list[str]) -> dict[str, Any]:
     """The catalog mapping for the built models; paths are relative to the catalog's directory."""
-    default = "tiny-sd" if "tiny-sd" in names else names[0]
+    pipelines = [n for n in names if all_tiny_models()[n].entry.get("kind", "pipeline") == "pipeline"]
+    default = "tiny-sd" if "tiny-sd" in pipelines else pipelines[0]
     return {
         "default_model": default,
-        "models": {name: {"source": name, **TINY_MODELS[name].entry} for name in names},
+        "models": {name: {"source": name, **all_tiny_models()[name].entry} for name in names},
     }
 
 
@@ -369,10 +393,17 @@ def build_tiny_models(root: str | Path, names: Iterable[str] | None = None) -> P
     quiet_hf_progress()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    selected = list(dict.fromkeys(TINY_MODELS if names is None else names))
-    unknown = [n for n in selected if n not in TINY_MODELS]
+    known = all_tiny_models()
+    selected = list(dict.fromkeys(known if names is None else names))
+    unknown = [n for n in selected if n not in known]
     if unknown:
-        raise KeyError(f"unknown tiny model(s) {unknown}; known: {sorted(TINY_MODELS)}")
+        raise KeyError(f"unknown tiny model(s) {unknown}; known: {sorted(known)}")
+    # Entries over another model's directory need that model, and cascades their stages.
+    for name in selected:  # grows while iterating: dependencies of dependencies too
+        entry = known[name].entry
+        for dep in [entry.get("source")] + list(entry.get("stages", [])) + list(entry.get("controlnets", [])):
+            if dep in known and dep not in selected:
+                selected.append(dep)
     if not selected:
         raise ValueError("no tiny models selected")
     for name in selected:

@@ -28,3 +28,21 @@ def write_manifest(uri: str, records: list[dict[str, Any]]) -> str:
     pq.write_table(table, sink)
     write_bytes(uri, sink.getvalue())
     return uri
+
+
+def probe_video(path: str) -> dict[str, Any]:
+    """Codec, size, fps and frame count as the bundled ffmpeg (a reader we did not write) sees them."""
+    import re
+    import subprocess
+
+    import imageio_ffmpeg
+
+    ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    info = subprocess.run([ffmpeg, "-hide_banner", "-i", path], capture_output=True, text=True).stderr
+    m = re.search(r"Video: (\w+).*?, (\d+)x(\d+).*?, ([\d.]+) fps", info)
+    assert m, info
+    count = subprocess.run([ffmpeg, "-hide_banner", "-i", path, "-map", "0:v", "-c", "copy", "-f", "null", "-"],
+                           capture_output=True, text=True).stderr
+    frames = int(re.findall(r"frame=\s*(\d+)", count)[-1])
+    return {"codec": m.group(1), "width": int(m.group(2)), "height": int(m.group(3)), "fps": float(m.group(4)),
+            "frames": frames, "info": info}
