@@ -20,6 +20,7 @@ def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPU share per actor on GPU clusters")
     p.add_argument("--max-steps", type=int, default=Limits.max_steps, help="largest num_inference_steps a row may ask for")
     p.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="largest width*height a row may ask for")
+    p.add_argument("--model-memory-mb", type=int, help="loaded models per actor (default: most of the device's memory)")
     p.add_argument("--results-flush-rows", type=int, default=1000, help="write a results part every N rows")
     p.add_argument("--results-flush-seconds", type=float, default=10.0, help="... or every N seconds")
 
@@ -38,6 +39,7 @@ def _job(args: argparse.Namespace, manifest: str, out: str):
         torch_threads=args.torch_threads,
         gpus_per_worker=args.gpus_per_worker,
         results_flush_rows=args.results_flush_rows,
+        model_memory_bytes=args.model_memory_mb * 2**20 if args.model_memory_mb else None,
         results_flush_s=args.results_flush_seconds,
     )
 
@@ -104,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="render a small demo manifest on the embedded defaults")
     d.add_argument("--out", default="renderfleet-demo", help="output location (default ./renderfleet-demo)")
-    d.add_argument("--rows", type=int, default=24)
+    d.add_argument("--rows", type=int, default=12, help="text-to-image rows (one row of every other task follows)")
     _render_args(d)
     d.set_defaults(func=cmd_demo)
 

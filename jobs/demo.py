@@ -1,11 +1,13 @@
-"""The demo: a small mixed manifest rendered on the embedded defaults."""
+"""The demo: a small manifest over every task, rendered on the embedded defaults."""
 
 from __future__ import annotations
 
 import io
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from storage.fs import join, write_bytes
 
@@ -13,31 +15,68 @@ SUBJECTS = ["a lighthouse at dusk", "a red bicycle", "a bowl of ramen", "a snowy
             "a cat in a spacesuit", "a vintage camera", "a koi pond", "a desert canyon"]
 STYLES = ["watercolor", "product photo", "isometric render"]
 
+SCHEMA = pa.schema([
+    ("id", pa.string()), ("task", pa.string()), ("model", pa.string()), ("prompt", pa.string()),
+    ("negative_prompt", pa.string()), ("seed", pa.int64()), ("output_format", pa.string()),
+    ("image_uri", pa.string()), ("mask_uri", pa.string()), ("class_label", pa.int64()),
+    ("control_image_uris", pa.list_(pa.string())),
+    ("loras", pa.list_(pa.struct([("uri", pa.string()), ("scale", pa.float64())]))),
+    ("campaign", pa.string()),
+])
 
-def demo_manifest(rows: int = 24) -> pa.Table:
-    """Prompts over both tiny models and every image format, some rows with explicit seeds."""
+
+def demo_manifest(rows: int = 12) -> pa.Table:
+    """Text-to-image over several models and formats, then one row of every other task and family."""
     records = []
     for i in range(rows):
-        records.append(
-            {
-                "id": f"demo-{i:03d}",
-                "model": "tiny-sdxl" if i % 4 == 3 else "tiny-sd",
-                "prompt": f"{SUBJECTS[i % len(SUBJECTS)]}, {STYLES[i % len(STYLES)]}",
-                "negative_prompt": "blurry" if i % 2 else None,
-                "seed": i if i % 3 == 0 else None,
-                "output_format": ["png", "png", "webp", "jpeg"][i % 4],
-                "campaign": f"demo-{i % 3}",
-            }
-        )
-    return pa.Table.from_pylist(
-        records,
-        schema=pa.schema([("id", pa.string()), ("model", pa.string()), ("prompt", pa.string()),
-                          ("negative_prompt", pa.string()), ("seed", pa.int64()), ("output_format", pa.string()),
-                          ("campaign", pa.string())]),
-    )
+        records.append({
+            "id": f"image-{i:03d}",
+            "model": ["tiny-sd", "tiny-sd", "tiny-sdxl", "tiny-lcm"][i % 4],
+            "prompt": f"{SUBJECTS[i % len(SUBJECTS)]}, {STYLES[i % len(STYLES)]}",
+            "negative_prompt": "blurry" if i % 2 else None,
+            "seed": i if i % 3 == 0 else None,
+            "output_format": ["png", "png", "webp", "jpeg"][i % 4],
+            "campaign": f"demo-{i % 3}",
+        })
+    src, mask, edges = "inputs/photo.png", "inputs/mask.png", "inputs/edges.png"
+    records += [
+        {"id": "lora-brand", "model": "tiny-sd", "prompt": "a sneaker, brand style", "loras": [{"uri": "tiny-lora-sd", "scale": 0.8}]},
+        {"id": "cascade-if", "model": "tiny-if", "prompt": "a glass bottle on sand"},
+        {"id": "class-cm", "model": "tiny-cm", "class_label": 3},
+        {"id": "controlnet", "model": "tiny-sd-controlnet", "prompt": "a tower", "control_image_uris": [edges]},
+        {"id": "edit-img2img", "task": "edit", "model": "tiny-sd-img2img", "prompt": "make it autumn", "image_uri": src},
+        {"id": "edit-inpaint", "task": "edit", "model": "tiny-sd-inpaint", "prompt": "a red door", "image_uri": src, "mask_uri": mask},
+        {"id": "edit-pix2pix", "task": "edit", "model": "tiny-pix2pix", "prompt": "turn it into a sketch", "image_uri": src},
+        {"id": "video-t2v", "task": "video", "model": "tiny-t2v", "prompt": "waves at night"},
+        {"id": "video-wan", "task": "video", "model": "tiny-wan", "prompt": "a drone shot of a forest"},
+        {"id": "mesh-shap-e", "task": "mesh", "model": "tiny-shap-e", "prompt": "a ceramic vase"},
+        {"id": "audio-audioldm", "task": "audio", "model": "tiny-audioldm", "prompt": "a short jingle"},
+        {"id": "audio-stable", "task": "audio", "model": "tiny-stable-audio", "prompt": "rain on a roof"},
+    ]
+    return pa.Table.from_pylist(records, schema=SCHEMA)
 
 
-def write_demo_manifest(out: str, rows: int = 24) -> str:
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_demo_inputs(out: str) -> None:
+    """A source photo, an inpainting mask (transparent = repaint) and a control image."""
+    y, x = np.mgrid[0:64, 0:64]
+    write_bytes(join(out, "inputs/photo.png"), _png(Image.fromarray(np.stack([x * 4, y * 4, (x + y) * 2], -1).astype(np.uint8))))
+    mask = np.full((64, 64, 4), 255, np.uint8)
+    mask[16:48, 16:48, 3] = 0
+    write_bytes(join(out, "inputs/mask.png"), _png(Image.fromarray(mask, "RGBA")))
+    edges = np.zeros((64, 64), np.uint8)
+    edges[::8, :] = 255
+    edges[:, ::8] = 255
+    write_bytes(join(out, "inputs/edges.png"), _png(Image.fromarray(edges).convert("RGB")))
+
+
+def write_demo_manifest(out: str, rows: int = 12) -> str:
+    write_demo_inputs(out)
     uri = join(out, "manifest.parquet")
     sink = io.BytesIO()
     pq.write_table(demo_manifest(rows), sink)

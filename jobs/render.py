@@ -42,6 +42,7 @@ class RenderJob:
     gpus_per_worker: float = 1.0
     results_flush_rows: int = 1000
     results_flush_s: float = 10.0
+    model_memory_bytes: int | None = None
 
 
 @dataclass
@@ -65,7 +66,7 @@ class JobReport:
         """Images per second once the first output arrived (start-up and model loads excluded)."""
         span = self.elapsed_s - (self.first_output_s or 0.0)
         done = sum(self.counts.values())
-        return (done - 1) / span if span > 0 and done > 1 else 0.0
+        return (done - 1) / span if span >= 1.0 and done > 1 else self.rendered_per_s
 
     def lines(self) -> list[str]:
         c = self.counts
@@ -127,6 +128,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
             torch_threads=job.torch_threads or plan.torch_threads,
             env=storage_env(),
             input_base=manifest_folder(manifest),
+            memory_budget_bytes=job.model_memory_bytes,
         )
         stream.write(
             f"[renderfleet] rendering {pending} rows ({skipped} already done) on {plan.workers} workers "
