@@ -3,9 +3,20 @@
 Schema (unknown keys are errors that name them):
 
     default_model: NAME            # optional; else the first pipeline
+    safety:                        # applied by renderfleet to every output, batch and online
+      prompt_policy: FILE          # YAML {terms: [...], patterns: [...]}, relative to this file
+      checker: NAME                # a kind: safety_checker entry
+      action: block | blur | flag  # what a flagged output becomes (a job may override it)
+      frame_stride: 8              # video: check every k-th frame, always the first and last
+      watermark: true
+      watermark_method: dwtDctSvd  # or dwtDct
+      watermark_message: 12 hex digits (48 bits; default renderfleet's own)
+      include_prompt: false        # provenance metadata carries the prompt, else its sha256
+      c2pa_cert_chain: FILE        # with c2pa_private_key: sign images and videos (C2PA)
+      c2pa_private_key: FILE
     models:
       NAME:
-        kind: pipeline | controlnet | lora | embedding     # later: safety_checker
+        kind: pipeline | controlnet | lora | embedding | safety_checker
         source: DIR | ORG/REPO | s3://bucket/prefix   # relative DIRs are relative to this file
         revision: REV              # Hub sources only
         tasks: [image, edit, video, mesh, audio]      # pipelines only: what rows it serves
@@ -24,13 +35,14 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-KINDS = ("pipeline", "controlnet", "lora", "embedding")
+KINDS = ("pipeline", "controlnet", "lora", "embedding", "safety_checker")
+SAFETY_ACTIONS = ("block", "blur", "flag")
 TASKS = ("image", "edit", "video", "mesh", "audio")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 OFFLOADS = ("none", "model", "sequential")
@@ -77,6 +89,22 @@ class ServeSettings:
 
 
 @dataclass(frozen=True)
+class SafetySettings:
+    """Renderfleet's own safety, watermark and provenance steps (paths already resolved)."""
+
+    prompt_policy: str = ""
+    checker: str = ""
+    action: str = "block"
+    frame_stride: int = 8
+    watermark: bool = True
+    watermark_method: str = "dwtDctSvd"
+    watermark_message: str = ""
+    include_prompt: bool = False
+    c2pa_cert_chain: str = ""
+    c2pa_private_key: str = ""
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     """One catalog model, its source resolved against the catalog's directory."""
 
@@ -100,6 +128,7 @@ class Catalog:
     models: dict[str, ModelEntry]
     default_model: str
     path: str | None = None
+    safety: SafetySettings = SafetySettings()
 
     def get(self, name: str | None) -> ModelEntry:
         """The entry for `name` (the default model when None)."""
@@ -122,7 +151,7 @@ class Catalog:
     @classmethod
     def from_dict(cls, data: Any, base_dir: Path, path: str | None = None) -> Catalog:
         where = path or "catalog"
-        _check_keys(data, {"default_model", "models"}, where)
+        _check_keys(data, {"default_model", "models", "safety"}, where)
         models_raw = data.get("models")
         if not isinstance(models_raw, dict) or not models_raw:
             raise CatalogError(f"{where}: 'models' must be a non-empty mapping")
@@ -137,7 +166,16 @@ class Catalog:
         default = data.get("default_model") or pipelines[0]
         if default not in pipelines:
             raise CatalogError(f"{where}: default_model {default!r} is not a pipeline in models")
-        return cls(models=models, default_model=default, path=path)
+        safety = _settings(SafetySettings, data.get("safety"), f"{where}: safety")
+        if safety.action not in SAFETY_ACTIONS:
+            raise CatalogError(f"{where}: safety.action {safety.action!r}; expected one of {', '.join(SAFETY_ACTIONS)}")
+        if safety.checker and (safety.checker not in models or models[safety.checker].kind != "safety_checker"):
+            raise CatalogError(f"{where}: safety.checker {safety.checker!r} is not a safety_checker entry of this catalog")
+        if bool(safety.c2pa_cert_chain) != bool(safety.c2pa_private_key):
+            raise CatalogError(f"{where}: safety.c2pa_cert_chain and safety.c2pa_private_key go together")
+        paths = {k: str((base_dir / getattr(safety, k)).resolve()) for k in ("prompt_policy", "c2pa_cert_chain", "c2pa_private_key")
+                 if getattr(safety, k)}
+        return cls(models=models, default_model=default, path=path, safety=replace(safety, **paths))
 
     def pipeline(self, name: str | None) -> ModelEntry:
         """Like get, but only pipelines can render rows."""

@@ -102,7 +102,7 @@ def test_rebuild_is_noop_and_catalog_lists_both(tiny_root: Path) -> None:
     before = {
         p: (p.stat().st_ino, p.stat().st_mtime_ns) for name in EXPECTED_CLASSES for p in (tiny_root / name).rglob("*")
     }
-    catalog_path = build_tiny_models(tiny_root)
+    catalog_path = build_tiny_models(tiny_root, ["tiny-sd", "tiny-sdxl"])
     after = {
         p: (p.stat().st_ino, p.stat().st_mtime_ns) for name in EXPECTED_CLASSES for p in (tiny_root / name).rglob("*")
     }
