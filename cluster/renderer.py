@@ -34,7 +34,9 @@ from pipelines.loading import (
     pick_dtype,
     quiet_hf_progress,
 )
-from pipelines.tasks import Request, call_parameters, encode, render_group, takes_prompt
+from pipelines.finishing import Finisher
+from pipelines.provenance import provenance_record, weights_hash
+from pipelines.tasks import Request, call_parameters, render_group, takes_prompt
 from storage.cache import fetch_prefix
 from storage.fs import is_s3, join, read_bytes, write_bytes
 from storage.keys import id_hash, output_key
@@ -57,11 +59,30 @@ class RendererConfig:
     env: dict[str, str] = field(default_factory=dict)
     input_base: str | None = None  # relative input URIs are relative to this (the manifest's folder)
     memory_budget_bytes: int | None = None  # loaded pipelines per actor; default from the device
+    job_id: str = ""
+    safety_action: str | None = None  # overrides the catalog's safety.action for this job
 
 
 def storage_env() -> dict[str, str]:
     """The driver's AWS settings, so actors reach the same store the driver validated against."""
     return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+
+class Filtered(Exception):
+    """A row the safety policy stops; final (`status = filtered`), never retried."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def renderfleet_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("renderfleet")
+    except Exception:  # noqa: BLE001 - running from a bare checkout
+        return "0+unknown"
 
 
 def default_budget(device: torch.device) -> int:
@@ -130,6 +151,11 @@ class Renderer:
         self.controlnets: dict[str, Any] = {}
         self.load_errors: dict[str, str] = {}
         self.loads = 0
+        self.model_hashes: dict[str, str] = {}
+        self.version = renderfleet_version()
+        safety = self.catalog.safety
+        checker = self._local(self.catalog.get(safety.checker)) if safety.checker else None
+        self.finisher = Finisher(safety, checker, device=self.device, action=config.safety_action)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         loads_before = self.loads
@@ -149,6 +175,9 @@ class Renderer:
         for i, row in enumerate(rows):
             try:
                 job = self._prepare(i, row)
+            except Filtered as e:
+                results[i] = self._result(row, status="filtered", filter_reason=e.reason)
+                continue
             except RowError as e:
                 results[i] = self._result(row, status="failed", error=str(e))
                 continue
@@ -174,6 +203,10 @@ class Renderer:
             raise RowError("unknown_task", f"task={task!r}; expected one of {', '.join(TASKS)}")
         if task not in entry.tasks:
             raise RowError("unsupported_task", f"model {entry.name!r} serves {', '.join(entry.tasks)}, not {task!r}")
+        # Before anything loads or renders: a blocked prompt never reaches a pipeline.
+        rule = self.finisher.blocked_prompt(row.get("prompt"))
+        if rule:
+            raise Filtered(f"prompt_policy: {rule}")
         pipe = self._stages(entry)[0]
         params = resolve_row(row, entry.defaults, self.config.limits, needs_prompt=takes_prompt(pipe))
         accepted = call_parameters(pipe)
@@ -365,20 +398,28 @@ class Renderer:
                 return [pair for j in jobs for pair in self._render_group([j], rows)]
             log.exception("render failed for row %r", p.id)
             return [(first, self._result(rows[first.index], status="failed", error=f"render_error: {type(e).__name__}: {e}", job=first))]
+        try:
+            flags = self.finisher.flags(p.task, decoded)
+        except Exception as e:  # noqa: BLE001 - an unchecked output is never written
+            log.exception("safety check failed")
+            return [(j, self._result(rows[j.index], status="failed", error=f"safety_check_error: {e}", job=j)) for j in jobs]
         share = (time.perf_counter() - started) / len(jobs)
-        return [(j, self._write(j, out, rows[j.index], share)) for j, out in zip(jobs, decoded)]
+        return [(j, self._write(j, out, flag, rows[j.index], share)) for j, out, flag in zip(jobs, decoded, flags)]
 
-    def _write(self, job: _Job, decoded: Any, row: dict[str, Any], render_s: float) -> dict[str, Any]:
+    def _write(self, job: _Job, decoded: Any, flagged: bool | None, row: dict[str, Any], render_s: float) -> dict[str, Any]:
         started = time.perf_counter()
         p = job.params
-        try:
-            data, ext, content_type = encode(p.task, decoded, p.output_format, fps=p.fps)
-            uri = join(self.config.out, output_key(p.task, p.id, ext))
-            write_bytes(uri, data, content_type=content_type)
-        except Exception as e:  # noqa: BLE001
-            log.exception("cannot encode or write row %r", p.id)
-            return self._result(row, status="failed", error=f"write_error: {type(e).__name__}: {e}", job=job)
         width, height = output_size(p.task, decoded)
+        try:
+            done = self.finisher.finish(p.task, decoded, flagged, p.output_format, p.fps, self._record(job))
+            if done.blocked:
+                return self._result(row, status="filtered", job=job, filter_reason="nsfw_output", nsfw=True,
+                                    safety_action="block", render_s=render_s)
+            uri = join(self.config.out, output_key(p.task, p.id, done.ext))
+            write_bytes(uri, done.data, content_type=done.content_type)
+        except Exception as e:  # noqa: BLE001
+            log.exception("cannot finish or write row %r", p.id)
+            return self._result(row, status="failed", error=f"write_error: {type(e).__name__}: {e}", job=job)
         return self._result(
             row,
             status="ok",
@@ -386,9 +427,29 @@ class Renderer:
             width=width,
             height=height,
             output_uri=uri,
-            sha256=hashlib.sha256(data).hexdigest(),
+            sha256=hashlib.sha256(done.data).hexdigest(),
             render_s=render_s + time.perf_counter() - started,
+            nsfw=done.nsfw,
+            safety_action=done.safety_action,
+            watermark=done.watermark,
+            c2pa=done.c2pa,
         )
+
+    def _record(self, job: _Job) -> dict[str, str]:
+        p = job.params
+        return provenance_record(
+            version=self.version, model=job.entry.name, model_hash=self._model_hash(job.entry), seed=p.seed,
+            steps=p.num_inference_steps, guidance=p.guidance_scale, job_id=self.config.job_id, row_id=p.id,
+            prompt=p.prompt, include_prompt=self.catalog.safety.include_prompt,
+        )
+
+    def _model_hash(self, entry: ModelEntry) -> str:
+        """A content hash of the entry's weights, computed once per actor (cached beside local weights)."""
+        if entry.name not in self.model_hashes:
+            source = self._local(entry)
+            self.model_hashes[entry.name] = (weights_hash(source) if os.path.isdir(source)
+                                             else f"hub:{source}@{entry.revision or 'main'}")
+        return self.model_hashes[entry.name]
 
     def _result(self, row: dict[str, Any], status: str, job: _Job | None = None, **fields: Any) -> dict[str, Any]:
         result = {

@@ -20,6 +20,8 @@ def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPU share per actor on GPU clusters")
     p.add_argument("--max-steps", type=int, default=Limits.max_steps, help="largest num_inference_steps a row may ask for")
     p.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="largest width*height a row may ask for")
+    p.add_argument("--safety-action", choices=["block", "blur", "flag"],
+                   help="what an output the safety checker flags becomes (default: the catalog's safety.action)")
     p.add_argument("--model-memory-mb", type=int, help="loaded models per actor (default: most of the device's memory)")
     p.add_argument("--results-flush-rows", type=int, default=1000, help="write a results part every N rows")
     p.add_argument("--results-flush-seconds", type=float, default=10.0, help="... or every N seconds")
@@ -39,6 +41,7 @@ def _job(args: argparse.Namespace, manifest: str, out: str):
         torch_threads=args.torch_threads,
         gpus_per_worker=args.gpus_per_worker,
         results_flush_rows=args.results_flush_rows,
+        safety_action=args.safety_action,
         model_memory_bytes=args.model_memory_mb * 2**20 if args.model_memory_mb else None,
         results_flush_s=args.results_flush_seconds,
     )
@@ -87,6 +90,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from jobs.verify import print_verdict, verify
+    from pipelines.catalog import Catalog
+    from pipelines.watermark import WatermarkConfig
+
+    if args.message:
+        config = WatermarkConfig.from_hex(args.message, args.method or "dwtDctSvd")
+    elif args.catalog:
+        safety = Catalog.load(args.catalog).safety
+        config = (WatermarkConfig.from_hex(safety.watermark_message, args.method or safety.watermark_method)
+                  if safety.watermark_message else WatermarkConfig(method=args.method or safety.watermark_method))
+    else:
+        config = WatermarkConfig(method=args.method or "dwtDctSvd")
+    verdicts = [verify(uri, config) for uri in args.files]
+    for v in verdicts:
+        print_verdict(v)
+    return 0 if all(v.ok for v in verdicts) else 1
+
+
 def cmd_build_tiny(args: argparse.Namespace) -> int:
     from pipelines.tiny import build_tiny_models
 
@@ -117,6 +139,13 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("report", help="write OUT/report.html: a self-contained gallery of the outputs and results")
     g.add_argument("out")
     g.set_defaults(func=cmd_report)
+
+    v = sub.add_parser("verify", help="check files for renderfleet's watermark, provenance metadata and C2PA credentials")
+    v.add_argument("files", nargs="+", help="local paths or s3:// URIs")
+    v.add_argument("--catalog", help="take the watermark method and message from this catalog's safety section")
+    v.add_argument("--message", help="the 48-bit watermark message as 12 hex digits (default: renderfleet's own)")
+    v.add_argument("--method", choices=["dwtDct", "dwtDctSvd"])
+    v.set_defaults(func=cmd_verify)
 
     m = sub.add_parser("models", help="model utilities")
     msub = m.add_subparsers(dest="models_command", required=True)

@@ -18,10 +18,11 @@ from cluster.batch import render_dataset
 from cluster.renderer import RendererConfig, storage_env
 from cluster.resources import plan_workers
 from cluster.runtime import connect
-from pipelines.catalog import Catalog, default_catalog_path
+from pipelines.catalog import Catalog, CatalogError, default_catalog_path
+from pipelines.policy import PromptPolicy
 from storage.fs import is_s3, join, write_bytes
 from storage.manifest import Limits, check_ids, check_schema, open_manifest
-from storage.results import ResultsWriter, error_code, finished_ids, results_dir
+from storage.results import ResultsWriter, new_run_id, error_code, finished_ids, results_dir
 from jobs.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class RenderJob:
     results_flush_rows: int = 1000
     results_flush_s: float = 10.0
     model_memory_bytes: int | None = None
+    safety_action: str | None = None  # block | blur | flag; default: the catalog's safety.action
 
 
 @dataclass
@@ -106,7 +108,12 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
     # Actors may run elsewhere, in another working directory: local paths go absolute.
     manifest, out = (m if is_s3(m) else os.path.abspath(m) for m in (job.manifest, job.out))
     catalog_path = os.path.abspath(resolve_catalog(job.catalog, stream))
-    Catalog.load(catalog_path)  # a malformed catalog fails here, not in every actor
+    catalog = Catalog.load(catalog_path)  # a malformed catalog fails here, not in every actor
+    if catalog.safety.prompt_policy:
+        try:
+            PromptPolicy.load(catalog.safety.prompt_policy)
+        except ValueError as e:
+            raise CatalogError(f"{catalog_path}: safety.prompt_policy: {e}") from None
     dataset = open_manifest(manifest)
     check_schema(dataset.schema)
     ids = dataset.to_table(columns=["id"])["id"]
@@ -121,6 +128,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
     if pending:
         connect(job.address)
         plan = plan_workers(ray.cluster_resources(), job.workers, job.gpus_per_worker)
+        writer_run_id = new_run_id()
         config = RendererConfig(
             catalog_path=catalog_path,
             out=out,
@@ -129,12 +137,14 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
             env=storage_env(),
             input_base=manifest_folder(manifest),
             memory_budget_bytes=job.model_memory_bytes,
+            job_id=writer_run_id,
+            safety_action=job.safety_action,
         )
         stream.write(
             f"[renderfleet] rendering {pending} rows ({skipped} already done) on {plan.workers} workers "
             f"(cpu={plan.num_cpus}, gpu={plan.num_gpus}, torch threads={config.torch_threads})\n"
         )
-        writer = ResultsWriter(out, flush_rows=job.results_flush_rows, flush_s=job.results_flush_s)
+        writer = ResultsWriter(out, run_id=writer_run_id, flush_rows=job.results_flush_rows, flush_s=job.results_flush_s)
         progress = Progress(pending, stream, started=started)
         try:
             ds = render_dataset(manifest, finished, config, plan, job.batch_size)

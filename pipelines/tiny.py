@@ -288,7 +288,7 @@ TINY_MODELS: dict[str, TinySpec] = {
 """Name -> spec for every tiny model; the name is also its directory and catalog key."""
 
 
-FAMILY_MODULES = ("tiny_edits", "tiny_cascades", "tiny_video", "tiny_audio", "tiny_mesh")
+FAMILY_MODULES = ("tiny_edits", "tiny_cascades", "tiny_video", "tiny_audio", "tiny_mesh", "tiny_safety")
 """Modules under pipelines/ whose `*_MODELS` dicts add families to the factory."""
 
 
@@ -367,10 +367,11 @@ def _catalog(names: list[str]) -> dict[str, Any]:
     """The catalog mapping for the built models; paths are relative to the catalog's directory."""
     pipelines = [n for n in names if all_tiny_models()[n].entry.get("kind", "pipeline") == "pipeline"]
     default = "tiny-sd" if "tiny-sd" in pipelines else pipelines[0]
-    return {
-        "default_model": default,
-        "models": {name: {"source": name, **all_tiny_models()[name].entry} for name in names},
-    }
+    catalog: dict[str, Any] = {"default_model": default}
+    if "tiny-safety-checker" in names:
+        catalog["safety"] = {"checker": "tiny-safety-checker"}
+    catalog["models"] = {name: {"source": name, **all_tiny_models()[name].entry} for name in names}
+    return catalog
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -38,6 +38,11 @@ RESULT_SCHEMA = pa.schema(
         ("render_s", pa.float64()),
         ("worker", pa.string()),
         ("model_loads", pa.int32()),  # checkpoints the actor loaded while rendering this row's batch
+        ("filter_reason", pa.string()),  # why a `filtered` row was stopped (prompt_policy: RULE, nsfw_output)
+        ("nsfw", pa.bool_()),  # the output safety checker's verdict (null where none ran)
+        ("safety_action", pa.string()),  # block | blur | flag, for flagged outputs
+        ("watermark", pa.string()),  # embedded | skipped_small | disabled | not_applicable
+        ("c2pa", pa.string()),  # signed | unsigned: why | not_applicable
     ]
 )
 
