@@ -27,8 +27,8 @@ Schema (unknown keys are errors that name them):
         dtype: auto | float32 | float16 | bfloat16
         defaults: {num_inference_steps: 30, ...}      # call parameters under the row's own
         policy: {offload: none|model|sequential, attention_slicing: bool, vae_slicing: bool, vae_tiling: bool}
-        serve: {min_replicas, max_replicas, target_ongoing_requests, max_batch_size,
-                batch_wait_timeout_s, max_ongoing_requests, max_queued_requests}
+        serve: {min_replicas, max_replicas, target_ongoing_requests, max_batch_size, batch_wait_timeout_s,
+                max_ongoing_requests, max_queued_requests, upscale_delay_s, downscale_delay_s, num_gpus}
 """
 
 from __future__ import annotations
@@ -86,6 +86,9 @@ class ServeSettings:
     batch_wait_timeout_s: float = 0.05
     max_ongoing_requests: int = 8
     max_queued_requests: int = 32
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 60.0
+    num_gpus: float = 1.0  # per replica on GPU clusters (fractions share a GPU)
 
 
 @dataclass(frozen=True)

@@ -14,24 +14,30 @@ Which outputs keep the mark (min / mean bit accuracy; ``pytest -s tests/test_wat
 256x256 to 512x384 natural, noise and saturated images, 10-frame 256x256 pan for MP4; PSNR 41.8-45 dB
 for dwtDctSvd, 38.8-42 dB for dwtDct):
 
-================================  ===========  ===========
-output                            dwtDctSvd    dwtDct
-================================  ===========  ===========
-PNG, lossless WebP                1.00 / 1.00  1.00 / 1.00
-WebP quality 95 (lossy)           0.96 / 0.99  0.50 / 0.58  (q80: >= 0.90)
-JPEG quality 95 / 90              0.98 / 0.99  0.25-0.40    (q75: 0.77 on noise)
-MP4 H.264 yuv420p CRF 18          1.00 / 1.00  1.00 / 1.00
-MP4 H.264 yuv420p CRF 23          0.98 / 1.00  0.40 / 0.64
-================================  ===========  ===========
+==========================  ===========  ===========
+output                      dwtDctSvd    dwtDct
+==========================  ===========  ===========
+PNG, lossless WebP          1.00 / 1.00  1.00 / 1.00
+WebP quality 95 (lossy)     0.96 / 0.99  0.50 / 0.58
+JPEG quality 95             0.98 / 0.99  0.40 / 0.57
+JPEG quality 90             0.98 / 0.99  0.25 / 0.47
+MP4 H.264 yuv420p CRF 18    1.00 / 1.00  1.00 / 1.00
+MP4 H.264 yuv420p CRF 23    0.98 / 1.00  0.40 / 0.64
+animated WebP (q90)         1.00 / 1.00  0.10 / 0.16
+GIF (palette)               0.92 / 0.96  0.44 / 0.52
+==========================  ===========  ===========
 
-So: dwtDctSvd survives every format renderfleet writes at its default settings (weakened, not gone,
-by lossy WebP/JPEG); dwtDct only lossless files and CRF 18.  Neither survives a crop, a resize or a
-rotation (the block grid and bit order shift; ~0.5).  Embedding runs in RGB floats and only U moves
-(see :func:`_embed_rgb`), which is why the stock encoder is not used: it swaps the horizontal and
-vertical detail bands when rebuilding, round-trips RGB through uint8 YUV and truncates its floats into
-uint8 unclipped, measured at 15 dB on noise, 27 dB with saturated colours, 36 dB on natural images;
-clipping alone changes none of these (the damage is the swap and the uint8 YUV round trip, not wrap).
-Same ``config`` and input give the same bytes.  No Ray imports.
+So: dwtDctSvd survives every format renderfleet writes at its default settings (lossy WebP, JPEG
+and GIF's palette weaken it: WebP q80 >= 0.90, JPEG q75 0.77 on noise); dwtDct survives only
+lossless files and CRF 18 (lossy WebP even reads back mostly inverted bits).  Neither survives a crop, a resize or a rotation (the block grid and bit order shift: ~0.5).
+
+The stock encoder is not used: it rebuilds the band with the horizontal and vertical details swapped
+(which transposes every 2x2 block of U), round-trips RGB through uint8 YUV (clipping saturated colours)
+and truncates into uint8: 15 dB on noise, 27 dB with saturated colours, 35-36 dB on natural images,
+and clipping its output changes none of that (measured: the damage is the swap and the YUV round trip,
+not wrap-around).  Here only U moves, by the least RGB change that stays in [0, 255] (:func:`_embed_rgb`);
+the step stays 36, so the stock decoder reads our marks.  Same config and input give the same bytes.
+No Ray imports.
 """
 
 from __future__ import annotations
@@ -89,6 +95,9 @@ _ARGMAX_MARGIN = 2.0
 
 _NEWTON_STEPS = 64
 """Cap on Newton steps in the box-constrained projection (each crosses at least one saturation point; ~5 are typical)."""
+
+_CHUNK_BLOCKS = 2048
+"""Blocks moved per vectorised batch: bounds the temporaries (~10 MB each) on large outputs."""
 
 _DITHER_STEPS = 64
 """Levels of the 8x8 ordered dither used when rounding the marked floats back to uint8."""
@@ -252,46 +261,48 @@ def _to_patches(region: np.ndarray) -> np.ndarray:
 
 
 def _from_patches(patches: np.ndarray, nb_r: int, nb_c: int) -> np.ndarray:
-    """Inverse of :func:`_to_patches`."""
+    """Inverse of :func:`_to_patches`, always a new array (callers round it in place)."""
     grid = patches.reshape(nb_r, nb_c, _BLOCK, _BLOCK, 2, 2, 3).transpose(0, 2, 4, 1, 3, 5, 6)
-    return grid.reshape(nb_r * 2 * _BLOCK, nb_c * 2 * _BLOCK, 3)
+    image = grid.reshape(nb_r * 2 * _BLOCK, nb_c * 2 * _BLOCK, 3)
+    return image.copy() if np.may_share_memory(image, patches) else image
 
 
 def _embed_rgb(rgb: np.ndarray, config: WatermarkConfig) -> np.ndarray:
-    """Quantisation-index embedding done in RGB floats: only U moves, by the least RGB change that stays in [0, 255].
+    """Moves each block's quantised value to its bit's target by the least RGB change inside [0, 255], then re-measures.
 
-    imwatermark's own encoder rebuilds the band with the horizontal and vertical details swapped,
-    round-trips RGB through uint8 YUV (clipping saturated colours) and truncates its floats into uint8
-    unclipped: 15 dB on noise and 27 dB on saturated colours, clipped or not.  Here each block's value
-    moves by the minimum-norm RGB change x = clip(x0 + mu * grad * w) (one mu per block, solved exactly),
-    rounding is dithered, and blocks still off target after rounding get another pass.
+    Only U is touched (both decoders read nothing else); rounding is dithered, and blocks that rounding
+    or clipping left off target (measured as the decoder will) get another pass.
     """
     bits = config.bits
     height, width = rgb.shape[:2]
     nb_r, nb_c = height // 4 * 4 // 2 // _BLOCK, width // 4 * 4 // 2 // _BLOCK
     region = (slice(0, nb_r * 2 * _BLOCK), slice(0, nb_c * 2 * _BLOCK))
     block_bits = bits[np.arange(nb_r * nb_c) % len(bits)]
-    work = rgb.astype(np.float64)
-    patches = _to_patches(work[region]).copy()
+    patches = _to_patches(rgb[region]).astype(np.float32)  # the float image; float32 halves the footprint
     current = rgb
     for step in range(_MAX_PASSES):
         value, coeffs, grad, runner_up = _quantised(_approximation_blocks(current, exact=False), config.method)
         below, above = _targets(value, block_bits)
-        if step == 0:
-            todo = np.arange(len(value))
-        else:
-            todo = np.flatnonzero(np.minimum(value - below, above - value) > _TOLERANCE)
-            if len(todo) == 0:
-                break
-        index = (todo[:, None], coeffs[todo])
-        pixels = patches[index]  # (n, k, 4, 3): the pixels behind the k coefficients that matter
-        # d(value)/d(RGB): a coefficient is half the sum of its 2x2 pixels' U, and dU/dRGB = w.
-        direction = np.broadcast_to((grad[todo] / 2)[:, :, None, None] * _U_WEIGHTS, pixels.shape)
-        flat_pixels, flat_direction = pixels.reshape(len(todo), -1), direction.reshape(len(todo), -1)
-        moved = _move(flat_pixels, flat_direction, value[todo], below[todo], above[todo], runner_up[todo], config.method)
-        patches[index] = moved.reshape(pixels.shape)
-        work[region] = _from_patches(patches, nb_r, nb_c)
-        current = _dithered_uint8(work)
+        todo = np.flatnonzero(np.minimum(value - below, above - value) > (_TOLERANCE if step else -1.0))
+        if len(todo) == 0:
+            break
+        for chunk in np.array_split(todo, -(-len(todo) // _CHUNK_BLOCKS)):
+            index = (chunk[:, None], coeffs[chunk])
+            pixels = patches[index].astype(np.float64)  # (n, k, 4, 3): the pixels behind the k coefficients the value depends on
+            # d(value)/d(RGB): a coefficient is half the sum of its 2x2 pixels' U, and dU/dRGB = w.
+            direction = np.broadcast_to((grad[chunk] / 2)[:, :, None, None] * _U_WEIGHTS, pixels.shape)
+            moved = _move(
+                pixels.reshape(len(chunk), -1),
+                direction.reshape(len(chunk), -1),
+                value[chunk],
+                below[chunk],
+                above[chunk],
+                runner_up[chunk],
+                config.method,
+            )
+            patches[index] = moved.reshape(pixels.shape)
+        current = current.copy() if current is rgb else current
+        current[region] = _dithered_uint8(_from_patches(patches, nb_r, nb_c))
     return current
 
 
@@ -307,16 +318,18 @@ _DITHER = (_bayer(8) + 0.5) / _DITHER_STEPS - 0.5
 _DITHER_RGB = np.stack([_DITHER, _DITHER.T, _DITHER[::-1, ::-1]], axis=-1)
 
 
-def _dithered_uint8(work: np.ndarray) -> np.ndarray:
+def _dithered_uint8(region: np.ndarray) -> np.ndarray:
     """Rounds with an ordered dither aligned to the 8x8 blocks, so a flat block realises a sub-level change on average.
 
     Plain rounding moves every pixel of a flat (e.g. saturated) block by the same whole level, so
     changes below half a level vanish and larger ones overshoot by up to 8x; integers stay unchanged.
     """
-    height, width = work.shape[:2]
-    reps = (-(-height // 8), -(-width // 8), 1)
-    dither = np.tile(_DITHER_RGB, reps)[:height, :width]
-    return np.clip(np.rint(work + dither), 0, 255).astype(np.uint8)
+    side = 2 * _BLOCK
+    grid = region.reshape(region.shape[0] // side, side, region.shape[1] // side, side, 3)
+    grid += _DITHER_RGB[None, :, None, :, :].astype(region.dtype)
+    np.rint(grid, out=grid)
+    np.clip(grid, 0, 255, out=grid)
+    return region.astype(np.uint8)
 
 
 def _saturation(pixels: np.ndarray, direction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

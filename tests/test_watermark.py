@@ -113,6 +113,16 @@ def mp4_accuracies(frames: list[np.ndarray], config: WatermarkConfig, crf: int) 
     return np.array([bit_accuracy(frame, config) for frame in decoded])
 
 
+def animation_accuracies(frames: list[np.ndarray], config: WatermarkConfig, output_format: str) -> np.ndarray:
+    """Per-frame bit accuracy after encode_video's GIF (palette) or animated WebP (lossy q90) and a Pillow decode."""
+    from PIL import ImageSequence
+
+    data, _, _ = encode_video(frames, 8, output_format)
+    decoded = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(Image.open(io.BytesIO(data)))]
+    assert len(decoded) == len(frames)
+    return np.array([bit_accuracy(frame, config) for frame in decoded])
+
+
 def stock_decode(image: np.ndarray, method: str, kind: str = "bytes") -> object:
     """What the unmodified imwatermark decoder reads (it expects BGR, as cv2 loads images)."""
     from imwatermark import WatermarkDecoder
@@ -322,6 +332,9 @@ def test_measure_formats() -> None:
         frame_quality = [psnr(m, f) for m, f in zip(marked_frames, frames)]
         for crf in (18, 23):
             rows.append((f"mp4 crf{crf}", method, mp4_accuracies(marked_frames, config, crf), frame_quality))
+        for output_format in ("gif", "webp"):
+            accuracies = animation_accuracies(marked_frames, config, output_format)
+            rows.append((f"anim {output_format}", method, accuracies, frame_quality))
     print()
     print(f"{'format':14s} {'method':9s} {'min acc':>7s} {'mean acc':>8s} {'min PSNR':>8s} {'mean PSNR':>9s}")
     for name, method, accuracies, quality in rows:

@@ -1,0 +1,352 @@
+"""The online endpoint: the batch job's Renderer behind an OpenAI-compatible API on Ray Serve.
+
+One deployment per catalog pipeline (each with its own autoscaling, batching and backpressure
+from the catalog's `serve` settings) behind one FastAPI ingress. Requests that share size,
+steps and guidance inside a batch run in one pipeline call, exactly as in batch jobs, because
+the replica hands the whole batch to `Renderer.render_rows`.
+"""
+
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+from cluster.api import (
+    APIError,
+    AudioGenerationRequest,
+    ImageGenerationRequest,
+    MeshGenerationRequest,
+    VideoGenerationRequest,
+    parse_size,
+)
+from cluster.renderer import Renderer, RendererConfig
+from pipelines.catalog import Catalog, ModelEntry
+from storage.fs import is_s3, join, read_bytes, s3_client, split_s3, write_bytes
+from storage.manifest import Limits
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "mp4": "video/mp4", "gif": "image/gif",
+                 "glb": "model/gltf-binary", "ply": "application/ply", "obj": "model/obj", "wav": "audio/wav"}
+CLIENT_ERRORS = ("unknown_model", "unsupported_task", "unknown_task", "missing_prompt", "missing_input", "invalid_")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What the endpoint needs; plain data for every replica."""
+
+    catalog_path: str
+    store: str  # where outputs go: a local dir or s3://bucket/prefix
+    public_url: str = "http://127.0.0.1:8000"  # how clients reach this app, for local-store links
+    api_keys: tuple[str, ...] = ()
+    url_secret: str = field(default_factory=lambda: secrets.token_hex(32))
+    url_ttl_s: int = 3600
+    max_upload_bytes: int = 20 * 1024 * 1024
+    limits: Limits = field(default_factory=Limits)
+    torch_threads: int | None = 1
+    replica_cpus: float = 0.25
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@serve.deployment
+class ModelServer:
+    """One catalog model: a Renderer, fed by Serve's dynamic batching."""
+
+    def __init__(self, config: RendererConfig, max_batch_size: int, batch_wait_timeout_s: float):
+        self.renderer = Renderer(config)
+        self.render.set_max_batch_size(max_batch_size)
+        self.render.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def render(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        results = await asyncio.to_thread(self.renderer.render_rows, rows)
+        elapsed = time.perf_counter() - started
+        return [dict(r, batch_size=len(rows), batch_s=elapsed) for r in results]
+
+
+def _sign(secret: str, payload: str) -> str:
+    return hmac.new(secret.encode(), payload.encode(), hashlib.sha256).hexdigest()
+
+
+def make_token(config: ServeConfig, uri: str, now: float | None = None) -> str:
+    """An expiring, signed reference to one stored output, for `url` responses from a local store."""
+    payload = base64.urlsafe_b64encode(json.dumps({"u": uri, "e": int((now or time.time()) + config.url_ttl_s)}).encode()).decode()
+    return f"{payload}.{_sign(config.url_secret, payload)}"
+
+
+def read_token(config: ServeConfig, token: str) -> str:
+    payload, _, signature = token.partition(".")
+    if not hmac.compare_digest(_sign(config.url_secret, payload), signature):
+        raise APIError(403, "invalid link", code="invalid_token")
+    data = json.loads(base64.urlsafe_b64decode(payload.encode()))
+    if data["e"] < time.time():
+        raise APIError(403, "link expired", code="expired_token")
+    return data["u"]
+
+
+def _metrics():
+    """Our Prometheus metrics, one registry per gateway replica."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    registry = CollectorRegistry()
+    return registry, {
+        "requests": Counter("renderfleet_requests", "HTTP requests by model and status", ["model", "route", "status"], registry=registry),
+        "outputs": Counter("renderfleet_outputs", "outputs rendered by model and task", ["model", "task"], registry=registry),
+        "filtered": Counter("renderfleet_filtered", "filtered prompts and outputs by reason", ["model", "reason"], registry=registry),
+        "render_s": Histogram("renderfleet_render_seconds", "model-side seconds per batch", ["model"], registry=registry),
+        "batch": Histogram("renderfleet_batch_size", "rows per model call batch", ["model"],
+                           buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=registry),
+    }
+
+
+app = FastAPI(title="renderfleet", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    return JSONResponse(_invalid(e.errors()).body(), status_code=400)
+
+
+def _invalid(errors: list[dict]) -> APIError:
+    first = errors[0] if errors else {}
+    loc = [str(x) for x in first.get("loc", ()) if x not in ("body",)]
+    param = ".".join(loc) or None
+    return APIError(400, f"{param or 'request'}: {first.get('msg', 'invalid request')}", param=param,
+                    code="invalid_json" if first.get("type") == "json_invalid" else "invalid_value")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class Gateway:
+    def __init__(self, config: ServeConfig, models: dict[str, Any]):
+        self.config = config
+        self.catalog = Catalog.load(config.catalog_path)
+        self.models = models
+        self.registry, self.metrics = _metrics()
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _auth(self, request: Request) -> None:
+        if not self.config.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        key = header[7:] if header.lower().startswith("bearer ") else ""
+        if not any(hmac.compare_digest(key.encode(), k.encode()) for k in self.config.api_keys):
+            raise APIError(401, "missing or invalid API key (Authorization: Bearer ...)", type_="authentication_error",
+                           code="invalid_api_key")
+
+    def _entry(self, name: str | None, task: str) -> ModelEntry:
+        try:
+            entry = self.catalog.pipeline(name or self._default_for(task))
+        except KeyError:
+            raise APIError(404, f"model {name!r} does not exist; GET /v1/models lists them", param="model",
+                           code="model_not_found") from None
+        if task not in entry.tasks:
+            raise APIError(400, f"model {entry.name!r} serves {', '.join(entry.tasks)}, not {task}", param="model",
+                           code="unsupported_task")
+        return entry
+
+    def _default_for(self, task: str) -> str:
+        default = self.catalog.get(None)
+        if task in default.tasks:
+            return default.name
+        for entry in self.catalog.models.values():
+            if entry.kind == "pipeline" and task in entry.tasks and not entry.stages:
+                return entry.name
+        raise APIError(400, f"no model in the catalog serves {task}", param="model", code="model_not_found")
+
+    async def _render(self, route: str, entry: ModelEntry, task: str, body: Any, extra: dict[str, Any]) -> dict:
+        rows = []
+        request_id = uuid.uuid4().hex
+        for i in range(body.n):
+            row = {"id": f"{request_id}-{i}", "task": task, "model": entry.name, "prompt": body.prompt,
+                   "negative_prompt": body.negative_prompt, "num_inference_steps": body.num_inference_steps,
+                   "guidance_scale": body.guidance_scale, "output_format": body.output_format, **extra}
+            if body.seed is not None:
+                row["seed"] = body.seed + i
+            rows.append(row)
+        handle = self.models[entry.name]
+        try:
+            results = await asyncio.gather(*[handle.render.remote(r) for r in rows])
+        except BackPressureError:
+            self.metrics["requests"].labels(entry.name, route, "503").inc()
+            raise APIError(503, f"model {entry.name!r} is at capacity; retry shortly", type_="server_error",
+                           code="overloaded", headers={"Retry-After": "1"}) from None
+        self.metrics["batch"].labels(entry.name).observe(max(r.get("batch_size", 1) for r in results))
+        self.metrics["render_s"].labels(entry.name).observe(max(r.get("batch_s", 0.0) for r in results))
+        data = []
+        for r in results:
+            if r["status"] == "filtered":
+                self.metrics["filtered"].labels(entry.name, (r.get("filter_reason") or "").split(":")[0]).inc()
+                self.metrics["requests"].labels(entry.name, route, "400").inc()
+                raise APIError(400, f"request blocked by the content policy: {r['filter_reason']}",
+                               code="content_policy_violation")
+            if r["status"] != "ok":
+                reason = (r.get("error") or "").split(":")[0]
+                status = 400 if reason.startswith(CLIENT_ERRORS) else 500
+                self.metrics["requests"].labels(entry.name, route, str(status)).inc()
+                raise APIError(status, r.get("error") or "render failed", type_="invalid_request_error" if status == 400 else "server_error",
+                               code=reason or None)
+            self.metrics["outputs"].labels(entry.name, task).inc()
+            data.append(self._item(r, body.response_format, body.prompt))
+        self.metrics["requests"].labels(entry.name, route, "200").inc()
+        return {"created": int(time.time()), "data": data}
+
+    def _item(self, result: dict, response_format: str, prompt: str) -> dict:
+        uri = result["output_uri"]
+        if response_format == "b64_json":
+            return {"b64_json": base64.b64encode(read_bytes(uri)).decode(), "revised_prompt": prompt}
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            url = s3_client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                     ExpiresIn=self.config.url_ttl_s)
+        else:
+            url = f"{self.config.public_url.rstrip('/')}/v1/files/{make_token(self.config, uri)}"
+        return {"url": url, "revised_prompt": prompt}
+
+    # -- routes ----------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> dict:
+        self._auth(request)
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "owned_by": "renderfleet", "tasks": list(m.tasks)}
+            for m in self.catalog.models.values() if m.kind == "pipeline" and m.name in self.models]}
+
+    @app.get("/v1/files/{token}")
+    async def file(self, token: str) -> Response:
+        uri = read_token(self.config, token)
+        ext = uri.rsplit(".", 1)[-1]
+        return Response(read_bytes(uri), media_type=CONTENT_TYPES.get(ext, "application/octet-stream"))
+
+    @app.post("/v1/images/generations")
+    async def images(self, body: ImageGenerationRequest, request: Request) -> dict:
+        self._auth(request)
+        entry = self._entry(body.model, "image")
+        width, height = parse_size(body.size, self.config.limits.max_pixels)
+        return await self._render("images", entry, "image", body, {"width": width, "height": height})
+
+    @app.post("/v1/videos/generations")
+    async def videos(self, body: VideoGenerationRequest, request: Request) -> dict:
+        self._auth(request)
+        entry = self._entry(body.model, "video")
+        width, height = parse_size(body.size, self.config.limits.max_pixels)
+        return await self._render("videos", entry, "video", body,
+                                  {"width": width, "height": height, "num_frames": body.num_frames, "fps": body.fps})
+
+    @app.post("/v1/audio/generations")
+    async def audio(self, body: AudioGenerationRequest, request: Request) -> dict:
+        self._auth(request)
+        entry = self._entry(body.model, "audio")
+        return await self._render("audio", entry, "audio", body, {"audio_length_in_s": body.audio_length_in_s})
+
+    @app.post("/v1/meshes/generations")
+    async def meshes(self, body: MeshGenerationRequest, request: Request) -> dict:
+        self._auth(request)
+        entry = self._entry(body.model, "mesh")
+        return await self._render("meshes", entry, "mesh", body, {})
+
+    @app.post("/v1/images/edits")
+    async def edits(self, request: Request) -> dict:
+        self._auth(request)
+        form = await request.form(max_part_size=self.config.max_upload_bytes)
+        uploads = [v for k, v in form.multi_items() if k in ("image", "image[]") and hasattr(v, "read")]
+        if not uploads:
+            raise APIError(400, "image: a file is required (multipart field 'image' or 'image[]')", param="image",
+                           code="missing_input")
+        fields = {k: v for k, v in form.items() if not hasattr(v, "read")}
+        try:
+            body = ImageGenerationRequest(**fields)
+        except ValidationError as e:
+            raise _invalid(e.errors()) from None
+        entry = self._entry(body.model or self._edit_default(), "edit")
+        width, height = parse_size(body.size, self.config.limits.max_pixels)
+        extra: dict[str, Any] = {"width": width, "height": height}
+        for name, upload in (("image", uploads[0]), ("mask", form.get("mask"))):
+            if upload is None or not hasattr(upload, "read"):
+                continue
+            data = await upload.read()
+            if len(data) > self.config.max_upload_bytes:
+                raise APIError(413, f"{name}: {len(data)} bytes is over the {self.config.max_upload_bytes}-byte upload limit",
+                               param=name, code="file_too_large")
+            uri = join(self.config.store, "uploads", f"{uuid.uuid4().hex}.{name}")
+            write_bytes(uri, data)
+            extra["image_uri" if name == "image" else "mask_uri"] = uri
+        return await self._render("edits", entry, "edit", body, extra)
+
+    def _edit_default(self) -> str:
+        return self._default_for("edit")
+
+
+def build_app(config: ServeConfig, model_names: list[str] | None = None) -> Any:
+    """The Serve application: one ModelServer per catalog pipeline (or the named ones) behind the Gateway."""
+    import torch
+
+    catalog = Catalog.load(config.catalog_path)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    models = {}
+    for entry in catalog.models.values():
+        if entry.kind != "pipeline" or (model_names is not None and entry.name not in model_names):
+            continue
+        s = entry.serve
+        renderer = RendererConfig(catalog_path=config.catalog_path, out=config.store, limits=config.limits,
+                                  torch_threads=config.torch_threads, env=config.env, job_id="serve")
+        autoscaling = None
+        if s.max_replicas > 1 or s.min_replicas != 1:
+            autoscaling = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas, "initial_replicas": s.min_replicas,
+                           "target_ongoing_requests": s.target_ongoing_requests, "upscale_delay_s": s.upscale_delay_s,
+                           "downscale_delay_s": s.downscale_delay_s, "metrics_interval_s": 0.5, "look_back_period_s": 2.0}
+        options: dict[str, Any] = {
+            "name": f"model-{entry.name}",
+            "max_ongoing_requests": s.max_ongoing_requests,
+            "max_queued_requests": s.max_queued_requests,
+            "ray_actor_options": {"num_cpus": config.replica_cpus, "num_gpus": s.num_gpus if gpus else 0},
+        }
+        if autoscaling:
+            options["autoscaling_config"] = autoscaling
+        else:
+            options["num_replicas"] = 1
+        models[entry.name] = ModelServer.options(**options).bind(renderer, s.max_batch_size, s.batch_wait_timeout_s)
+    return Gateway.bind(config, models)
+
+
+def load_api_keys(path: str | None) -> tuple[str, ...]:
+    """API keys from a file (one per line) and $RENDERFLEET_API_KEYS (comma-separated)."""
+    import os
+
+    keys = [k.strip() for k in os.environ.get("RENDERFLEET_API_KEYS", "").split(",")]
+    if path:
+        with open(path, encoding="utf-8") as f:
+            keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    return tuple(k for k in keys if k)
