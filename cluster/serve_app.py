@@ -350,3 +350,25 @@ def load_api_keys(path: str | None) -> tuple[str, ...]:
         with open(path, encoding="utf-8") as f:
             keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
     return tuple(k for k in keys if k)
+
+
+def app_builder(args: dict[str, str]) -> Any:
+    """Entry point for `serve deploy` / RayService configs: `import_path: cluster.serve_app:app_builder`.
+
+    args: catalog (required), store (required), public_url, api_keys_file, url_ttl_s.
+    """
+    from cluster.renderer import storage_env
+
+    missing = [k for k in ("catalog", "store") if not args.get(k)]
+    if missing:
+        raise ValueError(f"renderfleet serve app needs args: {', '.join(missing)}")
+    config = ServeConfig(
+        catalog_path=args["catalog"],
+        store=args["store"],
+        public_url=args.get("public_url", "http://127.0.0.1:8000"),
+        api_keys=load_api_keys(args.get("api_keys_file")),
+        url_secret=args.get("url_secret") or secrets.token_hex(32),
+        url_ttl_s=int(args.get("url_ttl_s", 3600)),
+        env=storage_env(),
+    )
+    return build_app(config)
