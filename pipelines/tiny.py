@@ -255,6 +255,38 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
     )
 
 
+T5_WORDS = ("a", "the", "and", "of", "cat", "dog", "photo", "red", "blue", "in", "on", "with", "sound", "music",
+            "rain", "bird", "video")
+T5_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
+
+
+def build_t5_tokenizer() -> Any:
+    """A tiny T5 tokenizer (Unigram, Metaspace, `</s>` appended, 77 tokens max) for every T5-conditioned family.
+
+    Under transformers 5 ``T5TokenizerFast(vocab=[(piece, score), ...])`` builds exactly that pipeline
+    without sentencepiece; ids: <pad>=0, </s>=1, <unk>=2.
+    """
+    from transformers import T5TokenizerFast
+
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -3.0) for w in T5_WORDS]
+    pieces += [("\u2581" + c, -6.0) for c in T5_CHARS if c not in T5_WORDS]
+    pieces += [(c, -5.0) for c in T5_CHARS]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=MODEL_MAX_LENGTH)
+
+
+def seeded(builder: Callable[[], Any]) -> Callable[[], Any]:
+    """Runs a builder under SEED in a forked RNG: byte-identical builds whoever calls, the caller's RNG untouched."""
+
+    def build() -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SEED)
+            return builder()
+
+    build.__name__ = builder.__name__
+    return build
+
+
 @dataclass(frozen=True)
 class TinySpec:
     """How to write one tiny model into a directory, and its catalog entry (without `source`)."""

@@ -28,10 +28,8 @@ Families:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
-import torch
 from diffusers import (
     AudioLDM2Pipeline,
     AudioLDM2ProjectionModel,
@@ -41,7 +39,6 @@ from diffusers import (
     AutoencoderOobleck,
     CosineDPMSolverMultistepScheduler,
     DDIMScheduler,
-    DiffusionPipeline,
     StableAudioDiTModel,
     StableAudioPipeline,
     UNet2DConditionModel,
@@ -61,10 +58,9 @@ from transformers import (
     SpeechT5HifiGanConfig,
     T5Config,
     T5EncoderModel,
-    T5Tokenizer,
 )
 
-from pipelines.tiny import MODEL_MAX_LENGTH, SEED, TinySpec, _bytes_to_unicode, save_pipeline
+from pipelines.tiny import MODEL_MAX_LENGTH, TinySpec, _bytes_to_unicode, build_t5_tokenizer, save_pipeline, seeded
 
 __all__ = ["AUDIO_MODELS", "build_tiny_audioldm", "build_tiny_audioldm2", "build_tiny_stable_audio"]
 
@@ -99,20 +95,7 @@ _ROBERTA_MERGES = (
     ("o", "g"),
     ("Ġd", "og"),
 )
-_T5_WORDS = ("the", "a", "of", "and", "sound", "dog", "cat", "music", "rain", "bird")
 
-
-def _seeded(builder: Callable[[], DiffusionPipeline]) -> Callable[[], DiffusionPipeline]:
-    """Seeds torch inside a forked RNG, so a build is byte-identical whoever calls it and the caller's RNG is untouched."""
-
-    def build() -> DiffusionPipeline:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(SEED)
-            return builder()
-
-    build.__name__ = builder.__name__
-    build.__doc__ = builder.__doc__
-    return build
 
 
 def _roberta_tokenizer() -> RobertaTokenizer:
@@ -122,19 +105,6 @@ def _roberta_tokenizer() -> RobertaTokenizer:
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
     return RobertaTokenizer(vocab=vocab, merges=list(_ROBERTA_MERGES), model_max_length=MODEL_MAX_LENGTH)
 
-
-def _t5_tokenizer() -> T5Tokenizer:
-    """A small Unigram T5 tokenizer (ASCII pieces plus a few words), since the real SentencePiece model needs the Hub."""
-    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(f"▁{w}", -3.0) for w in _T5_WORDS]
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    pieces += [(f"▁{c}", -4.0) for c in letters]
-    printable = [chr(c) for c in range(ord("!"), ord("~") + 1)]
-    pieces += [(c, -5.0) for c in printable]
-    unique: dict[str, float] = {}
-    for piece, score in pieces:  # "▁a" is both a word and a letter: keep its first (word) score
-        unique.setdefault(piece, score)
-    return T5Tokenizer(vocab=list(unique.items()), extra_ids=0, model_max_length=MODEL_MAX_LENGTH)
 
 
 def _special_ids(tokenizer: Any) -> dict[str, int]:
@@ -237,7 +207,7 @@ def build_tiny_audioldm() -> AudioLDMPipeline:
 def build_tiny_audioldm2() -> AudioLDM2Pipeline:
     """Tiny AudioLDM2Pipeline (mono, 16 kHz): CLAP + T5 -> GPT-2 -> two-stream UNet, the current AudioLDM family."""
     tokenizer = _roberta_tokenizer()
-    tokenizer_2 = _t5_tokenizer()
+    tokenizer_2 = build_t5_tokenizer()
     clap_text = ClapTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=16,
@@ -336,7 +306,7 @@ def build_tiny_audioldm2() -> AudioLDM2Pipeline:
 
 def build_tiny_stable_audio() -> StableAudioPipeline:
     """Tiny StableAudioPipeline (stereo, 24 kHz, up to 1.024 s) for the current StableAudio path."""
-    tokenizer = _t5_tokenizer()
+    tokenizer = build_t5_tokenizer()
     text_encoder = T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer),
@@ -407,15 +377,15 @@ def audio_entry(**defaults: Any) -> dict[str, Any]:
 
 AUDIO_MODELS: dict[str, TinySpec] = {
     "tiny-audioldm": TinySpec(
-        save_pipeline(_seeded(build_tiny_audioldm)),
+        save_pipeline(seeded(build_tiny_audioldm)),
         audio_entry(guidance_scale=2.5, audio_length_in_s=1.0),
     ),
     "tiny-audioldm2": TinySpec(
-        save_pipeline(_seeded(build_tiny_audioldm2)),
+        save_pipeline(seeded(build_tiny_audioldm2)),
         audio_entry(guidance_scale=3.5, audio_length_in_s=1.0),
     ),
     "tiny-stable-audio": TinySpec(
-        save_pipeline(_seeded(build_tiny_stable_audio)),
+        save_pipeline(seeded(build_tiny_stable_audio)),
         audio_entry(guidance_scale=7.0, audio_end_in_s=1.0),
     ),
 }

@@ -53,10 +53,10 @@ from diffusers import (
     UNet2DConditionModel,
     UNet2DModel,
 )
-from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
 from pipelines.tiny import (
-    MODEL_MAX_LENGTH,
+    build_t5_tokenizer,
     SEED,
     TinySpec,
     _scheduler,
@@ -98,8 +98,6 @@ _T5_WIDTH = 32
 
 # A tiny SentencePiece-style Unigram vocabulary: "▁" marks a word start (Metaspace).
 # Characters outside it map to <unk>, which is fine for random weights.
-_T5_WORDS = ("a", "the", "and", "of", "cat", "dog", "photo", "red", "blue", "in", "on", "with")
-_T5_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
 
 
 # ---------------------------------------------------------------------------
@@ -225,19 +223,6 @@ def build_tiny_lcm() -> LatentConsistencyModelPipeline:
 # ---------------------------------------------------------------------------
 # DeepFloyd IF (pixel cascade with a T5 encoder)
 
-
-def build_t5_tokenizer() -> T5TokenizerFast:
-    """A tiny T5 tokenizer: a `tokenizers` Unigram model, Metaspace pre-tokenizer, `</s>` appended; 77 tokens max.
-
-    Under transformers 5 ``T5TokenizerFast(vocab=[(piece, score), ...])`` builds exactly that
-    pipeline (the real T5's) without sentencepiece; ids: <pad>=0, </s>=1, <unk>=2.
-    """
-    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [("▁" + w, -3.0) for w in _T5_WORDS]
-    pieces += [("▁" + c, -6.0) for c in _T5_CHARS if c not in _T5_WORDS]
-    pieces += [(c, -5.0) for c in _T5_CHARS]
-    assert len({p for p, _ in pieces}) == len(pieces), "duplicate Unigram pieces"
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=MODEL_MAX_LENGTH)
 
 
 def _tiny_t5_encoder(vocab_size: int) -> T5EncoderModel:

@@ -34,13 +34,12 @@ seconds on one CPU thread whatever the model size.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, HeunDiscreteScheduler, PriorTransformer, ShapEImg2ImgPipeline, ShapEPipeline
+from diffusers import HeunDiscreteScheduler, PriorTransformer, ShapEImg2ImgPipeline, ShapEPipeline
 from diffusers.pipelines.shap_e.renderer import ShapERenderer
 from transformers import (
     CLIPImageProcessor,
@@ -49,7 +48,7 @@ from transformers import (
     CLIPVisionModel,
 )
 
-from pipelines.tiny import SEED, TinySpec, _tiny_clip_text_config, _tokenizer_ids, build_clip_tokenizer, save_pipeline
+from pipelines.tiny import TinySpec, _tiny_clip_text_config, _tokenizer_ids, build_clip_tokenizer, save_pipeline, seeded
 
 __all__ = [
     "MESH_MODELS",
@@ -307,20 +306,8 @@ def _scheduler() -> HeunDiscreteScheduler:
     )
 
 
-def _seeded(builder: Callable[[], DiffusionPipeline]) -> Callable[[], DiffusionPipeline]:
-    """Runs a builder under SEED without touching the caller's RNG, so direct calls are deterministic too."""
 
-    def build() -> DiffusionPipeline:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(SEED)
-            return builder()
-
-    build.__name__ = builder.__name__
-    build.__doc__ = builder.__doc__
-    return build
-
-
-@_seeded
+@seeded
 def build_tiny_shap_e() -> ShapEPipeline:
     """Tiny text-to-3D ShapEPipeline whose renderer meshes a sphere (colours depend on prompt and seed)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -337,7 +324,7 @@ def build_tiny_shap_e() -> ShapEPipeline:
     )
 
 
-@_seeded
+@seeded
 def build_tiny_shap_e_img2img() -> ShapEImg2ImgPipeline:
     """Tiny image-to-3D ShapEImg2ImgPipeline (32x32 CLIP vision input) with the same sphere renderer."""
     vision = CLIPVisionModel(

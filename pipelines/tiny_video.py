@@ -40,7 +40,6 @@ accepts, so renderers pass a default only where ``__call__`` takes it.
 
 from __future__ import annotations
 
-import string
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -55,10 +54,10 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import CLIPTextModel, T5TokenizerFast, UMT5Config, UMT5EncoderModel
+from transformers import CLIPTextModel, UMT5Config, UMT5EncoderModel
 
 from pipelines.tiny import (
+    build_t5_tokenizer,
     MODEL_MAX_LENGTH,
     TinySpec,
     _tiny_clip_text_config,
@@ -77,10 +76,8 @@ __all__ = [
     "build_tiny_wan",
 ]
 
-_T5_SPECIAL = ("<pad>", "</s>", "<unk>")
 """T5's fixed special tokens, at ids 0, 1, 2 as in the real vocab."""
 
-_T5_WORDS = ("a", "the", "cat", "and", "of", "dog", "in", "on", "with", "video")
 """A few whole words, so the Unigram model has something better than single characters to pick."""
 
 
@@ -97,28 +94,6 @@ def _ddim_scheduler() -> DDIMScheduler:
         timestep_spacing="leading",
     )
 
-
-def build_t5_tokenizer() -> T5TokenizerFast:
-    """A tiny T5-style tokenizer (Unigram + Metaspace, `</s>` appended, max length 77), since the real one needs the Hub."""
-    vocab: list[tuple[str, float]] = [(tok, 0.0) for tok in _T5_SPECIAL]
-    vocab.append(("\u2581", -2.0))
-    vocab += [("\u2581" + word, -1.0) for word in _T5_WORDS]
-    vocab += [(ch, -5.0) for ch in string.ascii_letters + string.digits + string.punctuation]
-    backend = Tokenizer(models.Unigram(vocab, unk_id=_T5_SPECIAL.index("<unk>"), byte_fallback=False))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    eos_id = _T5_SPECIAL.index("</s>")
-    backend.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos_id)]
-    )
-    return T5TokenizerFast(
-        tokenizer_object=backend,
-        model_max_length=MODEL_MAX_LENGTH,
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_ids=0,
-    )
 
 
 def build_tiny_t2v() -> TextToVideoSDPipeline:
