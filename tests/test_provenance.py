@@ -583,7 +583,6 @@ def test_weights_hash_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def signing(tmp_path_factory):
-    pytest.importorskip("c2pa")
     from pipelines.credentials import make_test_chain
 
     return make_test_chain(tmp_path_factory.mktemp("c2pa-chain"))
