@@ -7,6 +7,7 @@ mapped in FAMILY_ARGUMENTS. Adding a family should mean a catalog entry, not cod
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,9 +48,15 @@ class Request:
     class_label: int | None = None
 
 
-def call_parameters(pipe: DiffusionPipeline) -> set[str]:
+def call_parameters(pipe: DiffusionPipeline) -> frozenset[str]:
     """Names the pipeline's __call__ accepts, so one adapter serves many families."""
-    return set(inspect.signature(pipe.__call__).parameters)
+    return _parameters_of(type(pipe))
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters_of(cls: type) -> frozenset[str]:
+    """Per class, not per row: inspecting a signature on the render path adds up over millions of rows."""
+    return frozenset(inspect.signature(cls.__call__).parameters) - {"self"}
 
 
 def takes_prompt(pipe: DiffusionPipeline) -> bool:

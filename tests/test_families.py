@@ -166,4 +166,5 @@ def test_model_loads_are_bounded(family_run):
     report, _ = family_run
     # Every checkpoint at most once per worker: bases are shared by the entries built over them.
     distinct_sources = 20
+    print(f"mixed manifest: {len(ROWS) + len(BAD_ROWS)} rows, {report.model_loads} model loads on 2 workers")
     assert 0 < report.model_loads <= distinct_sources * 2
