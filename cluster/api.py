@@ -56,9 +56,10 @@ def parse_size(size: str | None, max_pixels: int) -> tuple[int | None, int | Non
     return w, h
 
 
-class ImageGenerationRequest(GenerationRequest):
+class SizedRequest(GenerationRequest):
+    """Requests with an OpenAI-style "WxH" size."""
+
     size: str | None = "auto"
-    output_format: Literal["png", "jpeg", "webp"] = "png"
 
     @field_validator("size")
     @classmethod
@@ -67,17 +68,14 @@ class ImageGenerationRequest(GenerationRequest):
         return v
 
 
-class VideoGenerationRequest(GenerationRequest):
-    size: str | None = "auto"
+class ImageGenerationRequest(SizedRequest):
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+
+
+class VideoGenerationRequest(SizedRequest):
     num_frames: int | None = Field(None, ge=1, le=Limits.max_frames)
     fps: float | None = Field(None, gt=0, le=Limits.max_fps)
     output_format: Literal["mp4", "gif", "webp"] = "mp4"
-
-    @field_validator("size")
-    @classmethod
-    def _size(cls, v: str | None) -> str | None:
-        parse_size(v, Limits.max_pixels)
-        return v
 
 
 class AudioGenerationRequest(GenerationRequest):
