@@ -398,6 +398,8 @@ def _build_one(root: Path, name: str) -> Path:
 def _catalog(names: list[str]) -> dict[str, Any]:
     """The catalog mapping for the built models; paths are relative to the catalog's directory."""
     pipelines = [n for n in names if all_tiny_models()[n].entry.get("kind", "pipeline") == "pipeline"]
+    if not pipelines:
+        raise ValueError(f"a catalog needs at least one pipeline; {', '.join(names)} has none (add e.g. tiny-sd)")
     default = "tiny-sd" if "tiny-sd" in pipelines else pipelines[0]
     catalog: dict[str, Any] = {"default_model": default}
     if "tiny-safety-checker" in names:
