@@ -238,6 +238,15 @@ EDIT_MODELS: dict[str, TinySpec] = {
             controlnets=["tiny-controlnet-sdxl"],
         ),
     ),
+    # Multi-ControlNet for SDXL: the same tiny net twice is enough to exercise MultiControlNetModel.
+    "tiny-sdxl-multicontrolnet": TinySpec(
+        None,
+        image_entry(
+            source="tiny-sdxl",
+            pipeline_class="StableDiffusionXLControlNetPipeline",
+            controlnets=["tiny-controlnet-sdxl", "tiny-controlnet-sdxl"],
+        ),
+    ),
     # Adapters for tiny-sd.
     "tiny-lora-sd": TinySpec(_write_lora(SEED + 11), {"kind": "lora"}),
     "tiny-lora-sd-2": TinySpec(_write_lora(SEED + 12), {"kind": "lora"}),

@@ -43,6 +43,7 @@ ROWS = [
     ("controlnet", {"model": "tiny-sd-controlnet", "prompt": P, "control_image_uris": ["inputs/edges.png"], "controlnet_conditioning_scale": [0.7]}, ("image", 64, 64)),
     ("multicontrolnet", {"model": "tiny-sd-multicontrolnet", "prompt": P, "control_image_uris": ["inputs/edges.png", "inputs/src.png"], "controlnet_conditioning_scale": [0.5, 0.8]}, ("image", 64, 64)),
     ("controlnet-sdxl", {"model": "tiny-sdxl-controlnet", "prompt": P, "control_image_uris": ["inputs/edges.png"]}, ("image", 64, 64)),
+    ("multicontrolnet-sdxl", {"model": "tiny-sdxl-multicontrolnet", "prompt": P, "control_image_uris": ["inputs/edges.png", "inputs/src.png"], "controlnet_conditioning_scale": [0.6, 0.9]}, ("image", 64, 64)),
     ("lora-a", {"model": "tiny-sd", "prompt": P, "loras": LORA_A}, ("image", 64, 64)),
     ("lora-b", {"model": "tiny-sd", "prompt": P, "loras": LORA_B}, ("image", 64, 64)),
     ("lora-ab", {"model": "tiny-sd", "prompt": P, "loras": LORA_AB}, ("image", 64, 64)),

@@ -49,8 +49,10 @@ def serve_catalog(tiny_catalog: str, folder: Path) -> str:
                                     "max_batch_size": 2}
     models["tiny-lcm"]["serve"] = {"min_replicas": 1, "max_replicas": 1, "max_batch_size": 1, "max_ongoing_requests": 1,
                                    "max_queued_requests": 1}
+    (folder / "policy.yaml").write_text(yaml.safe_dump({"terms": ["forbidden"]}))
+    safety = {**data.get("safety", {}), "prompt_policy": str(folder / "policy.yaml")}
     path = folder / "serve-catalog.yaml"
-    path.write_text(yaml.safe_dump({"default_model": "tiny-sd", "safety": data.get("safety", {}), "models": models}, sort_keys=False))
+    path.write_text(yaml.safe_dump({"default_model": "tiny-sd", "safety": safety, "models": models}, sort_keys=False))
     return str(path)
 
 
@@ -210,6 +212,15 @@ def test_bad_requests_get_openai_errors(server, payload, status, param, code):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["code"] == code and (param is None or error["param"] == param) and error["message"]
+
+
+def test_filtered_prompt_is_a_clear_400(server):
+    r = httpx.post(server + "/v1/images/generations", json={"model": "tiny-sd", "prompt": "a ｆｏｒｂｉｄｄｅｎ thing"}, timeout=120)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "content_policy_violation" and "prompt_policy: term:forbidden" in error["message"]
+    metrics = httpx.get(server + "/metrics", timeout=30).text
+    assert 'renderfleet_filtered_total{model="tiny-sd",reason="prompt_policy"} 1.0' in metrics
 
 
 def test_upload_limits(server):
