@@ -123,11 +123,35 @@ def build_clip_tokenizer(directory: Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(directory))
 
 
-def _tiny_vae() -> AutoencoderKL:
-    """A 4-block VAE (8x downscale like real SD): a 2-block one puts attention on 4x more tokens and is 50-200x slower."""
+def sdxl_unet(projection_input_dim: int, cross_attention_dim: int, addition_time_embed_dim: int = 8) -> UNet2DConditionModel:
+    """The tiny SDXL-style UNet shared by the base and the refiner; they differ only in their conditioning widths."""
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=addition_time_embed_dim,
+        projection_class_embeddings_input_dim=projection_input_dim,
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=32,
+    )
+
+
+def _tiny_vae(channels: int = 3) -> AutoencoderKL:
+    """A 4-block VAE (8x downscale like real SD): a 2-block one puts attention on 4x more tokens and is 50-200x slower.
+
+    channels=1 gives the mel-spectrogram VAE of the AudioLDM family.
+    """
     return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
+        in_channels=channels,
+        out_channels=channels,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 16, 16),
@@ -223,23 +247,7 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
     addition_time_embed_dim = 8
     # 6 size/crop ids (original h,w; crop top,left; target h,w), each embedded, plus the pooled text embedding.
     projection_input_dim = 6 * addition_time_embed_dim + te2_config.projection_dim
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        transformer_layers_per_block=(1, 2),
-        addition_embed_type="text_time",
-        addition_time_embed_dim=addition_time_embed_dim,
-        projection_class_embeddings_input_dim=projection_input_dim,
-        cross_attention_dim=te1_config.hidden_size + te2_config.hidden_size,
-        norm_num_groups=32,
-    )
+    unet = sdxl_unet(projection_input_dim, te1_config.hidden_size + te2_config.hidden_size, addition_time_embed_dim)
     vae = _tiny_vae()
     return StableDiffusionXLPipeline(
         vae=vae,

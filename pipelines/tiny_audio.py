@@ -35,7 +35,6 @@ from diffusers import (
     AudioLDM2ProjectionModel,
     AudioLDM2UNet2DConditionModel,
     AudioLDMPipeline,
-    AutoencoderKL,
     AutoencoderOobleck,
     CosineDPMSolverMultistepScheduler,
     DDIMScheduler,
@@ -60,7 +59,7 @@ from transformers import (
     T5EncoderModel,
 )
 
-from pipelines.tiny import MODEL_MAX_LENGTH, TinySpec, _bytes_to_unicode, build_t5_tokenizer, save_pipeline, seeded
+from pipelines.tiny import MODEL_MAX_LENGTH, _tiny_vae, TinySpec, _bytes_to_unicode, build_t5_tokenizer, save_pipeline, seeded
 
 __all__ = ["AUDIO_MODELS", "build_tiny_audioldm", "build_tiny_audioldm2", "build_tiny_stable_audio"]
 
@@ -132,19 +131,6 @@ def _audioldm_vocoder() -> SpeechT5HifiGan:
     return SpeechT5HifiGan(config)
 
 
-def _audioldm_vae() -> AutoencoderKL:
-    """A 4-block (8x) mel VAE on 1 channel: smaller scale factors put mid-block attention on 4-16x more tokens."""
-    return AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
 
 
 def _audioldm_scheduler() -> DDIMScheduler:
@@ -175,7 +161,7 @@ def build_tiny_audioldm() -> AudioLDMPipeline:
         **_special_ids(tokenizer),
     )
     text_encoder = ClapTextModelWithProjection(text_config)
-    vae = _audioldm_vae()
+    vae = _tiny_vae(channels=1)
     block_out_channels = (16, 32)
     unet = UNet2DConditionModel(
         sample_size=16,  # default length 16 latent frames * 8 * 10 ms = 1.28 s
@@ -272,7 +258,7 @@ def build_tiny_audioldm2() -> AudioLDM2Pipeline:
         text_encoder_1_dim=text_encoder_2.config.d_model,
         langauge_model_dim=lm_dim,  # sic: diffusers' spelling
     )
-    vae = _audioldm_vae()
+    vae = _tiny_vae(channels=1)
     # Per block: self-attention (None), cross-attention to the GPT-2 states, cross-attention to the T5 states.
     cross_attention_dim = [None, lm_dim, text_encoder_2.config.d_model]
     unet = AudioLDM2UNet2DConditionModel(

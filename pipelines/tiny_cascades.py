@@ -56,6 +56,7 @@ from diffusers import (
 from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
 from pipelines.tiny import (
+    sdxl_unet,
     build_t5_tokenizer,
     SEED,
     TinySpec,
@@ -114,23 +115,8 @@ def build_tiny_sdxl_refiner() -> StableDiffusionXLImg2ImgPipeline:
     addition_time_embed_dim = 8
     # 5 time ids (original h,w; crop top,left; aesthetic score), each embedded, plus the pooled text embedding.
     projection_input_dim = 5 * addition_time_embed_dim + text_encoder_2.config.projection_dim
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        transformer_layers_per_block=(1, 2),
-        addition_embed_type="text_time",
-        addition_time_embed_dim=addition_time_embed_dim,
-        projection_class_embeddings_input_dim=projection_input_dim,
-        cross_attention_dim=text_encoder_2.config.hidden_size,  # the refiner sees only encoder 2's states
-        norm_num_groups=32,
-    )
+    # The refiner sees only encoder 2's states.
+    unet = sdxl_unet(projection_input_dim, text_encoder_2.config.hidden_size, addition_time_embed_dim)
     return StableDiffusionXLImg2ImgPipeline(
         vae=base.vae,
         text_encoder=None,
