@@ -25,9 +25,9 @@ def main() -> None:
     import torch
 
     from pipelines.catalog import SafetySettings
-    from pipelines.credentials import make_test_chain
     from pipelines.finishing import Finisher
     from pipelines.tiny import build_tiny_models
+    from tests.certs import make_test_chain  # a throwaway chain: test code, so bench runs from the repo root
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="rf-finish-bench-"))

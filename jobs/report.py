@@ -15,6 +15,7 @@ from collections import Counter
 
 from PIL import Image
 
+from pipelines.media.formats import format_for_path
 from storage.fs import join, list_files, read_bytes, write_bytes
 from storage.results import error_code, read_results, results_dir
 
@@ -48,22 +49,24 @@ def _thumbnail(data: bytes, size: int = 256) -> str:
 def _media(row: dict) -> str:
     """The card body for one ok row."""
     uri, task = row["output_uri"], row.get("task") or "image"
+    fmt = format_for_path(uri)
     ext = uri.rsplit(".", 1)[-1].lower()
+    mime = fmt.mime if fmt else "application/octet-stream"
     data = read_bytes(uri)
-    if task in ("image", "edit") or ext in ("gif", "webp") and task == "video":
-        return f'<img src="{_thumbnail(data) if task != "video" else _data_uri(data, "image/" + ext)}" alt="{html.escape(row["id"])}">'
+    if task in ("image", "edit") or mime.startswith("image/") and task == "video":
+        return f'<img src="{_thumbnail(data) if task != "video" else _data_uri(data, mime)}" alt="{html.escape(row["id"])}">'
     if task == "video":
         if len(data) > MAX_INLINE_MEDIA:
             return f'<a href="{html.escape(uri)}">{html.escape(uri)}</a>'
-        return f'<video controls muted loop preload="auto" src="{_data_uri(data, "video/mp4")}"></video>'
+        return f'<video controls muted loop preload="auto" src="{_data_uri(data, mime)}"></video>'
     if task == "audio":
         if len(data) > MAX_INLINE_MEDIA:
             return f'<a href="{html.escape(uri)}">{html.escape(uri)}</a>'
-        return f'<audio controls preload="auto" src="{_data_uri(data, "audio/wav")}"></audio>'
+        return f'<audio controls preload="auto" src="{_data_uri(data, mime)}"></audio>'
     if task == "mesh":
         import trimesh
 
-        from pipelines.mesh import preview_png
+        from pipelines.media.mesh import preview_png
 
         mesh = trimesh.load(io.BytesIO(data), file_type=ext, force="mesh")
         return f'<img src="{_data_uri(preview_png(mesh, 256), "image/png")}" alt="mesh {html.escape(row["id"])}">'

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,14 +11,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.provenance import read_metadata
-from pipelines.watermark import WatermarkConfig, bit_accuracy
+from pipelines.media.formats import EXTENSIONS, format_for_path
+from pipelines.media.provenance import read_metadata
+from pipelines.media.watermark import WatermarkConfig, bit_accuracy
 from storage.fs import read_bytes
 
 THRESHOLD = 0.9  # bit accuracy at or above which a file carries our mark (random: about 0.5)
-FORMATS = {"png": "png", "webp": "webp", "jpg": "jpeg", "jpeg": "jpeg", "gif": "gif", "mp4": "mp4",
-           "glb": "glb", "ply": "ply", "obj": "obj", "wav": "wav"}
-MIMES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "mp4": "video/mp4"}
 FRAME_SAMPLES = 8
 
 
@@ -63,9 +60,10 @@ def _animated_frames(data: bytes, samples: int) -> list[np.ndarray]:
 
 def verify(uri: str, config: WatermarkConfig) -> Verdict:
     """Checks one file; ok means it carries our mark (or its format cannot carry one)."""
-    fmt = FORMATS.get(os.path.splitext(uri)[1].lower().lstrip("."))
-    if fmt is None:
-        return Verdict(uri, False, f"unsupported file type (known: {', '.join(sorted(FORMATS))})")
+    spec = format_for_path(uri)
+    if spec is None:
+        return Verdict(uri, False, f"unsupported file type (known: {', '.join(sorted(EXTENSIONS))})")
+    fmt = spec.name
     try:
         data = read_bytes(uri)
     except FileNotFoundError as e:
@@ -75,14 +73,14 @@ def verify(uri: str, config: WatermarkConfig) -> Verdict:
     except Exception as e:  # noqa: BLE001 - a file without readable metadata is still checked
         metadata = {"error": str(e)}
     credentials = None
-    if fmt in MIMES:
+    if spec.signable:
         try:
-            from pipelines.credentials import read_credentials
+            from pipelines.media.credentials import read_credentials
 
-            credentials = read_credentials(data, MIMES[fmt])
+            credentials = read_credentials(data, spec.mime)
         except Exception as e:  # noqa: BLE001
             credentials = {"error": str(e)}
-    if fmt in ("glb", "ply", "obj", "wav"):
+    if not spec.watermark:
         return Verdict(uri, bool(metadata) and "error" not in metadata,
                        "no watermark in this format; provenance metadata " + ("found" if metadata else "missing"),
                        None, metadata, credentials)

@@ -14,13 +14,12 @@ import numpy as np
 from PIL import Image
 
 from pipelines.catalog import SafetySettings
+from pipelines.media.encode import encode
+from pipelines.media.formats import get_format
+from pipelines.media.provenance import embed_metadata
+from pipelines.media.watermark import WatermarkConfig, embed, embed_frames
 from pipelines.policy import PromptPolicy
-from pipelines.provenance import embed_metadata
 from pipelines.safety import SafetyChecker, blur, frames_to_check
-from pipelines.tasks import encode
-from pipelines.watermark import WatermarkConfig, embed, embed_frames
-
-SIGNABLE = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "mp4": "video/mp4"}
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ class Finisher:
                               if settings.watermark_message else WatermarkConfig(method=settings.watermark_method))
         self.signing = None
         if settings.c2pa_cert_chain:
-            from pipelines.credentials import SigningConfig
+            from pipelines.media.credentials import SigningConfig
 
             self.signing = SigningConfig(cert_chain_pem=settings.c2pa_cert_chain, private_key_pem=settings.c2pa_private_key)
 
@@ -89,8 +88,9 @@ class Finisher:
             action = self.action
             if action == "blur":
                 decoded = blur(decoded) if task != "video" else [np.asarray(blur(Image.fromarray(f))) for f in decoded]
+        fmt = get_format(output_format)
         mark = "not_applicable"
-        if task in ("image", "edit", "video"):
+        if fmt.watermark:
             if self.watermark is None:
                 mark = "disabled"
             elif task == "video":
@@ -98,15 +98,16 @@ class Finisher:
             else:
                 decoded, mark = embed(decoded, self.watermark)
         data, ext, content_type = encode(task, decoded, output_format, fps=fps)
-        data = embed_metadata(data, output_format, record)
+        if fmt.metadata:
+            data = embed_metadata(data, output_format, record)
         c2pa = "not_applicable"
-        if output_format in SIGNABLE:
+        if fmt.signable:
             if self.signing is None:
                 c2pa = "unsigned: no signing key configured"
             else:
-                from pipelines.credentials import sign_asset
+                from pipelines.media.credentials import sign_asset
 
-                data = sign_asset(data, SIGNABLE[output_format], self.signing, record)
+                data = sign_asset(data, fmt.mime, self.signing, record)
                 c2pa = "signed"
         return Finished(data=data, ext=ext, content_type=content_type, nsfw=flagged, safety_action=action,
                         watermark=mark, c2pa=c2pa)

@@ -28,9 +28,6 @@ FAMILY_ARGUMENTS: dict[str, dict[str, str]] = {
 IMAGE_PROCESSOR_INPUT = {"ShapEImg2ImgPipeline"}
 # Families whose __call__ renders one prompt at a time.
 UNBATCHED = {"TextToVideoZeroPipeline"}
-# Arguments that only make sense at one value per call (everything else is per row).
-SHARED = ("num_inference_steps", "guidance_scale", "width", "height", "strength", "image_guidance_scale",
-          "num_frames", "audio_length_in_s", "controlnet_conditioning_scale")
 # Where each task's decoded outputs live on the pipeline's output object.
 OUTPUT_FIELD = {"image": "images", "edit": "images", "video": "frames", "audio": "audios", "mesh": "images"}
 
@@ -172,38 +169,18 @@ def decode(task: str, pipe: DiffusionPipeline, outputs: Any, count: int) -> list
     if task in ("image", "edit"):
         images = to_pil(outputs)
     elif task == "video":
-        from pipelines.video import split_batch_frames
+        from pipelines.media.video import split_batch_frames
 
         images = split_batch_frames(outputs, count)
     elif task == "audio":
-        from pipelines.audio import audio_waveforms, sample_rate
+        from pipelines.media.audio import audio_waveforms, sample_rate
 
         rate = sample_rate(pipe)
         images = [(w, rate) for w in audio_waveforms(outputs, count)]
     else:
-        from pipelines.mesh import meshes_from_output
+        from pipelines.media.mesh import meshes_from_output
 
         images = meshes_from_output(outputs, count)
     if len(images) != count:
         raise RuntimeError(f"pipeline returned {len(images)} outputs for {count} requests")
     return images
-
-
-def encode(task: str, decoded: Any, output_format: str, fps: float | None = None, extras: dict | None = None) -> tuple[bytes, str, str]:
-    """File bytes, extension and content type for one decoded output."""
-    if task in ("image", "edit"):
-        from pipelines.encode import encode_image
-
-        return encode_image(decoded, output_format)
-    if task == "video":
-        from pipelines.video import encode_video
-
-        return encode_video(decoded, fps or 8.0, output_format)
-    if task == "audio":
-        from pipelines.audio import encode_wav
-
-        waveform, rate = decoded
-        return encode_wav(waveform, rate)
-    from pipelines.mesh import encode_mesh
-
-    return encode_mesh(decoded, output_format, extras)

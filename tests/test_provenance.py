@@ -20,18 +20,19 @@ import pytest
 import trimesh
 from PIL import Image, ImageSequence
 
-from pipelines import provenance
-from pipelines.audio import encode_wav
-from pipelines.mesh import encode_mesh
-from pipelines.provenance import (
+from pipelines import fingerprint
+from pipelines.fingerprint import weights_hash
+from pipelines.media import provenance
+from pipelines.media.audio import encode_wav
+from pipelines.media.mesh import encode_mesh
+from pipelines.media.provenance import (
     GENERATOR,
     TRAINED_ALGORITHMIC_MEDIA,
     embed_metadata,
     provenance_record,
     read_metadata,
-    weights_hash,
 )
-from pipelines.video import encode_video
+from pipelines.media.video import encode_video
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -493,13 +494,13 @@ def _model_dir(root: Path) -> Path:
 
 def _count_file_hashes(monkeypatch) -> list[str]:
     calls: list[str] = []
-    real = provenance._file_sha256
+    real = fingerprint._file_sha256
 
     def counting(path):
         calls.append(Path(path).name)
         return real(path)
 
-    monkeypatch.setattr(provenance, "_file_sha256", counting)
+    monkeypatch.setattr(fingerprint, "_file_sha256", counting)
     return calls
 
 
@@ -509,7 +510,7 @@ def test_weights_hash_is_stable_and_cached(tmp_path, monkeypatch):
     first = weights_hash(model)
     assert re.fullmatch(r"[0-9a-f]{64}", first)
     assert len(calls) == 4  # 2 safetensors + model_index.json + config.json, not README.md
-    assert (model / provenance.WEIGHTS_CACHE_NAME).is_file()
+    assert (model / fingerprint.WEIGHTS_CACHE_NAME).is_file()
 
     calls.clear()
     assert weights_hash(str(model)) == first
@@ -562,10 +563,10 @@ def test_weights_hash_read_only_directory(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Read-only file system")
 
-    monkeypatch.setattr(provenance.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(fingerprint.tempfile, "mkstemp", read_only)
     assert weights_hash(model) == reference
     assert weights_hash(model) == reference
-    assert not (model / provenance.WEIGHTS_CACHE_NAME).exists()
+    assert not (model / fingerprint.WEIGHTS_CACHE_NAME).exists()
 
 
 def test_weights_hash_errors(tmp_path):
@@ -583,7 +584,7 @@ def test_weights_hash_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def signing(tmp_path_factory):
-    from pipelines.credentials import make_test_chain
+    from certs import make_test_chain
 
     return make_test_chain(tmp_path_factory.mktemp("c2pa-chain"))
 
@@ -616,7 +617,7 @@ def _check_manifest(manifest: dict, store: dict, record: dict[str, str]) -> None
 
 
 def test_c2pa_png(signing, record):
-    from pipelines.credentials import read_credentials, sign_asset
+    from pipelines.media.credentials import read_credentials, sign_asset
 
     original = _save(_noise(256), "PNG")
     assert read_credentials(original, "image/png") is None
@@ -640,7 +641,7 @@ def test_c2pa_png(signing, record):
 
 
 def test_c2pa_mp4(tmp_path, signing, mp4_bytes, record):
-    from pipelines.credentials import read_credentials, sign_asset
+    from pipelines.media.credentials import read_credentials, sign_asset
 
     assert read_credentials(mp4_bytes, "video/mp4") is None
     embedded = embed_metadata(mp4_bytes, "mp4", record)
@@ -658,7 +659,7 @@ def test_c2pa_mp4(tmp_path, signing, mp4_bytes, record):
 
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])
 def test_c2pa_other_images(signing, record, fmt):
-    from pipelines.credentials import read_credentials, sign_asset
+    from pipelines.media.credentials import read_credentials, sign_asset
 
     original = _save(_noise(64), fmt.upper(), quality=95)
     signed = sign_asset(embed_metadata(original, fmt, record), f"image/{fmt}", signing, record)
@@ -670,7 +671,7 @@ def test_c2pa_other_images(signing, record, fmt):
 
 
 def test_c2pa_refuses_unsupported_types(signing, record):
-    from pipelines.credentials import sign_asset
+    from pipelines.media.credentials import sign_asset
 
     with pytest.raises(ValueError, match="cannot sign"):
         sign_asset(b"glTF", "model/gltf-binary", signing, record)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import watermark
-from pipelines.video import encode_video
-from pipelines.watermark import (
+from pipelines.media import watermark
+from pipelines.media.video import encode_video
+from pipelines.media.watermark import (
     DEFAULT_MESSAGE,
     METHODS,
     MIN_SIDE,

@@ -28,17 +28,12 @@ import trimesh
 from PIL import Image
 from trimesh.exchange import gltf, obj, ply
 
-__all__ = ["MESH_FORMATS", "MESH_CONTENT_TYPES", "encode_mesh", "meshes_from_output", "preview_png"]
+from pipelines.media.formats import FORMATS, TASK_FORMATS
 
-MESH_FORMATS = ("glb", "ply", "obj")
+__all__ = ["MESH_FORMATS", "encode_mesh", "meshes_from_output", "preview_png"]
+
+MESH_FORMATS = TASK_FORMATS["mesh"]
 """Output formats encode_mesh writes; the first is the default for galleries and viewers."""
-
-MESH_CONTENT_TYPES = {
-    "glb": "model/gltf-binary",
-    "ply": "application/ply",  # PLY has no registered media type; this is the common de facto one.
-    "obj": "model/obj",
-}
-"""Content type per format, for object-store metadata and HTTP responses."""
 
 _COLOUR_CHANNELS = ("R", "G", "B")
 _Z_UP_TO_Y_UP = trimesh.transformations.rotation_matrix(-np.pi / 2, [1.0, 0.0, 0.0])
@@ -162,7 +157,8 @@ def encode_mesh(
     if output_format not in _ENCODERS:
         raise ValueError(f"unknown mesh format {output_format!r}; expected one of {', '.join(MESH_FORMATS)}")
     data = _ENCODERS[output_format](mesh, _checked_extras(extras))
-    return data, output_format, MESH_CONTENT_TYPES[output_format]
+    fmt = FORMATS[output_format]
+    return data, fmt.extension, fmt.mime
 
 
 def _face_colours(mesh: trimesh.Trimesh) -> np.ndarray:

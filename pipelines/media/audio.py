@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.media.formats import FORMATS
+
 __all__ = ["sample_rate", "audio_waveforms", "encode_wav"]
 
 WAV_PEAK = 0.9
@@ -145,4 +147,5 @@ def encode_wav(waveform: np.ndarray, rate: int) -> tuple[bytes, str, str]:
         out.setsampwidth(2)
         out.setframerate(rate_value)
         out.writeframes(pcm.tobytes())  # (T, C) row-major is WAV's interleaved frame order
-    return buf.getvalue(), "wav", "audio/wav"
+    fmt = FORMATS["wav"]
+    return buf.getvalue(), fmt.extension, fmt.mime

@@ -44,19 +44,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipelines.media.formats import FORMATS, TASK_FORMATS
+
 __all__ = [
     "VIDEO_FORMATS",
-    "VIDEO_CONTENT_TYPES",
     "video_frames",
     "split_batch_frames",
     "encode_video",
 ]
 
-VIDEO_FORMATS = ("mp4", "gif", "webp")
-"""Output formats :func:`encode_video` writes."""
-
-VIDEO_CONTENT_TYPES = {"mp4": "video/mp4", "gif": "image/gif", "webp": "image/webp"}
-"""Format -> HTTP content type (the extension is the format name)."""
+VIDEO_FORMATS = TASK_FORMATS["video"]
+"""Output formats :func:`encode_video` writes (extensions and content types: the format table)."""
 
 WEBP_QUALITY = 90
 """Lossy WebP quality: lossless was 7.5x larger and 13x slower on a 16-frame 256x256 test clip."""
@@ -353,4 +351,5 @@ def encode_video(
         data = _encode_mp4(checked, width, height, float(fps), int(crf))
     else:
         data = _encode_pillow(checked, float(fps), output_format)
-    return data, output_format, VIDEO_CONTENT_TYPES[output_format]
+    fmt = FORMATS[output_format]
+    return data, fmt.extension, fmt.mime

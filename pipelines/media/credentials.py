@@ -1,6 +1,6 @@
 """C2PA Content Credentials: a signed manifest saying "made by renderfleet, with a trained model".
 
-Where :mod:`pipelines.provenance` writes plain, unsigned metadata in each format's own
+Where :mod:`pipelines.media.provenance` writes plain, unsigned metadata in each format's own
 place, this module binds a record to the exact bytes of an asset with a C2PA manifest
 (``c2pa-python``, the Content Authenticity Initiative's library, which signs offline):
 
@@ -13,24 +13,25 @@ place, this module binds a record to the exact bytes of an asset with a C2PA man
 
 Signing binds the bytes, so embed any other metadata (:func:`provenance.embed_metadata`)
 *before* :func:`sign_asset`; changing the file afterwards invalidates the manifest.
-Supported here: PNG, JPEG, WebP images and MP4 video (the library hashes MP4 with
-``c2pa.hash.bmff.v3``).  No thumbnail is embedded unless :class:`SigningConfig` asks
+Supported here: the formats marked ``signable`` in :mod:`pipelines.media.formats` (PNG,
+JPEG, WebP images and MP4 video; the library hashes MP4 with ``c2pa.hash.bmff.v3``).  No thumbnail is embedded unless :class:`SigningConfig` asks
 for one (c2pa's default 1024-pixel thumbnail quadrupled a 256x256 PNG).
 
-Certificates come from :class:`SigningConfig` (PEM file paths).  :func:`make_test_chain`
-writes a throwaway ES256 CA + leaf chain for tests and the demo; a reader reports
-``signingCredential.untrusted`` for it, as it should for a chain that no trust list
-contains.  No Ray imports.
+Certificates come from :class:`SigningConfig` (PEM file paths).  A throwaway test chain
+(``tests/certs.py``) is reported ``signingCredential.untrusted``, as it should be for a
+chain that no trust list contains.  No Ray or torch imports.
 """
 
 from __future__ import annotations
 
-import datetime
 import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pipelines.media.formats import FORMATS
+from pipelines.media.provenance.record import TRAINED_ALGORITHMIC_MEDIA
 
 __all__ = [
     "CREATED_ACTION",
@@ -38,31 +39,19 @@ __all__ = [
     "SIGNABLE_MIME_TYPES",
     "TRAINED_ALGORITHMIC_MEDIA",
     "SigningConfig",
-    "make_test_chain",
     "read_credentials",
     "sign_asset",
 ]
-
-TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
-"""IPTC digital source type for media created by a trained model (generative AI)."""
 
 CREATED_ACTION = "c2pa.created"
 RECORD_LABEL = "com.renderfleet.provenance"
 """Label of the custom assertion that carries renderfleet's provenance record."""
 
 SIGNABLE_MIME_TYPES = {
-    "image/png": "image/png",
-    "png": "image/png",
-    "image/jpeg": "image/jpeg",
-    "image/jpg": "image/jpeg",
-    "jpeg": "image/jpeg",
-    "jpg": "image/jpeg",
-    "image/webp": "image/webp",
-    "webp": "image/webp",
-    "video/mp4": "video/mp4",
-    "mp4": "video/mp4",
+    **{key: f.mime for f in FORMATS.values() if f.signable for key in (f.mime, f.name, f.extension)},
+    "image/jpg": "image/jpeg",  # a common misspelling of JPEG's content type
 }
-"""Accepted content types (and format names) -> the MIME type handed to c2pa."""
+"""Accepted content types (and format names and extensions) -> the MIME type handed to c2pa."""
 
 
 @dataclass(frozen=True)
@@ -191,108 +180,3 @@ def _is_no_manifest(error: Exception) -> bool:
     """Whether c2pa's error just means "this asset has no manifest" (as opposed to a broken one or I/O)."""
     text = f"{type(error).__name__} {error}".lower()
     return "manifestnotfound" in text or "no jumbf data" in text
-
-
-def make_test_chain(directory: Path) -> SigningConfig:
-    """A throwaway ES256 CA + leaf chain in ``directory`` (chain.pem, leaf.key, ca.pem, ca.key), for tests and the demo.
-
-    The CA has basicConstraints CA:true and keyCertSign; the leaf has digitalSignature,
-    EKU emailProtection and AKI/SKI, which is what C2PA's certificate profile asks for.
-    Nobody trusts it: readers report ``signingCredential.untrusted``.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, "renderfleet test CA"),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "renderfleet (throwaway)"),
-        ]
-    )
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ca_ski, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    leaf_key = ec.generate_private_key(ec.SECP256R1())
-    leaf_cert = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.COMMON_NAME, "renderfleet test signer"),
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "renderfleet (throwaway)"),
-                ]
-            )
-        )
-        .issuer_name(ca_name)
-        .public_key(leaf_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(leaf_key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    pem = serialization.Encoding.PEM
-    chain_path = directory / "chain.pem"
-    key_path = directory / "leaf.key"
-    chain_path.write_bytes(leaf_cert.public_bytes(pem) + ca_cert.public_bytes(pem))
-    (directory / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
-    key_path.write_bytes(
-        leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    key_path.chmod(0o600)
-    ca_key_path = directory / "ca.key"
-    ca_key_path.write_bytes(
-        ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    ca_key_path.chmod(0o600)
-    return SigningConfig(cert_chain_pem=str(chain_path), private_key_pem=str(key_path), alg="es256")
