@@ -41,9 +41,10 @@ from typing import Any
 
 import yaml
 
+from pipelines.media.formats import TASKS
+
 KINDS = ("pipeline", "controlnet", "lora", "embedding", "safety_checker")
 SAFETY_ACTIONS = ("block", "blur", "flag")
-TASKS = ("image", "edit", "video", "mesh", "audio")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 OFFLOADS = ("none", "model", "sequential")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
@@ -289,11 +290,3 @@ def resolve_source(source: str, base_dir: Path, where: str) -> str:
 def renderfleet_home() -> Path:
     """Where renderfleet keeps its caches ($RENDERFLEET_HOME, default ~/.cache/renderfleet)."""
     return Path(os.environ.get("RENDERFLEET_HOME") or Path.home() / ".cache" / "renderfleet").expanduser()
-
-
-def default_catalog_path() -> str:
-    """The tiny random-weight catalog, built into the cache on first use."""
-    from pipelines.tiny import build_tiny_models
-
-    path = build_tiny_models(renderfleet_home() / "tiny-models")
-    return str(path)

@@ -25,7 +25,7 @@ import torch
 
 from pipelines.loading import ModelLoadError, check_safetensors
 
-__all__ = ["ACTIONS", "SafetyChecker", "blur", "frames_to_check", "checker_dirs"]
+__all__ = ["ACTIONS", "SafetyChecker", "blur", "frames_to_check", "checker_dirs", "processor_class"]
 
 ACTIONS = ("block", "blur", "flag")
 """What to do with a flagged output: drop it, write a blurred copy, or write it and record the flag."""
@@ -69,7 +69,7 @@ def checker_dirs(path: str | os.PathLike) -> tuple[Path, Path]:
     return model_dir, processor_dir
 
 
-def _processor_class():
+def processor_class() -> type:
     """CLIPImageProcessor, or its PIL twin where torchvision is missing (what transformers 5 falls back to, minus its warning)."""
     from transformers.utils import is_torchvision_available
 
@@ -99,7 +99,7 @@ class SafetyChecker:
         model_dir, processor_dir = checker_dirs(path)
         try:
             model = StableDiffusionSafetyChecker.from_pretrained(str(model_dir), use_safetensors=True, dtype=dtype)
-            processor = _processor_class().from_pretrained(str(processor_dir))
+            processor = processor_class().from_pretrained(str(processor_dir))
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load safety checker from {path}: {e}") from e
         return cls(model, processor, device=device, dtype=dtype)

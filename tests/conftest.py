@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 
 # Before anything imports Ray: loopback only, no auth for the local test cluster, fast stall failures.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -24,6 +25,18 @@ def tiny_catalog(tmp_path_factory) -> str:
     from pipelines.tiny import build_tiny_models
 
     return str(build_tiny_models(tmp_path_factory.mktemp("tiny-models")))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Runs torch on 1 thread for a module (use it through `pytest.mark.usefixtures`): at tiny-model sizes
+    1 thread is faster than 2, and 2 threads stall badly when the other core is busy."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

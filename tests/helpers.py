@@ -1,8 +1,9 @@
-"""Small helpers shared by the job tests."""
+"""Small helpers shared by the tests: manifests, video probing, loading saved pipelines."""
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -28,6 +29,18 @@ def write_manifest(uri: str, records: list[dict[str, Any]]) -> str:
     pq.write_table(table, sink)
     write_bytes(uri, sink.getvalue())
     return uri
+
+
+def load_pipeline(directory: str | Path, pipeline_class: str | None = None, **components: Any) -> Any:
+    """Loads a saved model as workers load real checkpoints: `from_pretrained` (safetensors only), then
+    `from_pipe` into `pipeline_class` (handing it `components`, e.g. controlnet) where the entry names one."""
+    import diffusers
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(directory), use_safetensors=True)
+    if pipeline_class and (components or type(pipe).__name__ != pipeline_class):
+        pipe = getattr(diffusers, pipeline_class).from_pipe(pipe, **components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def probe_video(path: str) -> dict[str, Any]:

@@ -7,21 +7,12 @@ import time
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 
 from pipelines.policy import PolicyError, PromptPolicy, normalize
 from pipelines.safety import ACTIONS, SafetyChecker, blur, frames_to_check
-from pipelines.tiny_safety import SAFETY_MODELS, set_checker_mode
+from pipelines.tiny.safety import SAFETY_MODELS, set_checker_mode
 
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
 
 # --- policy -------------------------------------------------------------------------------------

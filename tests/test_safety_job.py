@@ -17,12 +17,13 @@ import pytest
 import yaml
 from PIL import Image
 
+from certs import make_test_chain
 from helpers import write_manifest
 from jobs.cli import main
 from jobs.render import RenderJob, run
-from pipelines.credentials import make_test_chain, read_credentials
-from pipelines.provenance import read_metadata
-from pipelines.tiny_safety import set_checker_mode
+from pipelines.media.credentials import read_credentials
+from pipelines.media.provenance import read_metadata
+from pipelines.tiny.safety import set_checker_mode
 from storage.results import read_results
 
 pytestmark = pytest.mark.timeout(900)

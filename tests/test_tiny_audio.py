@@ -1,10 +1,9 @@
-"""Tests for pipelines.tiny_audio and pipelines.audio: tiny audio pipelines render to real WAV files."""
+"""Tests for pipelines.tiny.audio and pipelines.media.audio: tiny audio pipelines render to real WAV files."""
 
 from __future__ import annotations
 
 import io
 import wave
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,14 @@ from diffusers import (
     UNet2DModel,
 )
 
-from pipelines.audio import audio_waveforms, encode_wav, sample_rate
-from pipelines.tiny import SEED
-from pipelines.tiny_audio import AUDIO_MODELS
+from helpers import load_pipeline
+from pipelines.media.audio import audio_waveforms, encode_wav, sample_rate
+from pipelines.tiny import SEED, write_spec
+from pipelines.tiny.audio import AUDIO_MODELS
 
 pytestmark = [
     pytest.mark.timeout(300),
+    pytest.mark.usefixtures("one_torch_thread"),
     # torchsde's Brownian interval is built on [sigma_min, sigma_max] but StableAudio's schedule ends at sigma 0.
     pytest.mark.filterwarnings("ignore:Should have .*:UserWarning"),
     pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning"),
@@ -47,35 +48,19 @@ FAMILIES: dict[str, tuple[type, str, int, int, int]] = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_threads() -> Iterator[None]:
-    """Runs torch on 1 thread: at these sizes 1 is faster than 2, and 2 threads stall badly when the other core is busy."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def audio_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Builds every tiny audio model once, seeded as pipelines.tiny does, each into root/<name>/."""
+    """Builds every tiny audio model once, seeded as build_tiny_models does, each into root/<name>/."""
     root = tmp_path_factory.mktemp("tiny-audio")
     for name, spec in AUDIO_MODELS.items():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(SEED)
-            spec.write(root / name)
+        write_spec(spec, root / name)
     return root
 
 
 @pytest.fixture(scope="module")
 def pipes(audio_root: Path) -> dict[str, DiffusionPipeline]:
     """Each model loaded once through the ordinary from_pretrained path, as workers load real checkpoints."""
-    loaded = {}
-    for name in AUDIO_MODELS:
-        pipe = DiffusionPipeline.from_pretrained(str(audio_root / name))
-        pipe.set_progress_bar_config(disable=True)
-        loaded[name] = pipe
-    return loaded
+    return {name: load_pipeline(audio_root / name) for name in AUDIO_MODELS}
 
 
 def _render(pipe: DiffusionPipeline, name: str, seeds: tuple[int, ...] = SEEDS) -> Any:

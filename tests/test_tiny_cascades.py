@@ -1,4 +1,4 @@
-"""Tests for pipelines.tiny_cascades: offline tiny cascades and few-step families that load and render like real ones.
+"""Tests for pipelines.tiny.cascades: offline tiny cascades and few-step families that load and render like real ones.
 
 Each family is loaded through plain ``DiffusionPipeline.from_pretrained(dir)`` and renders a batch of 2 in one
 call with one CPU generator per item; the two cascades run end to end (SDXL base -> refiner on latents,
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +27,11 @@ from diffusers import (
 )
 from PIL import Image
 
-from pipelines.tiny import SEED, TINY_MODELS, build_tiny_models
-from pipelines.tiny_cascades import (
-    CASCADE_MODELS,
-    CM_NUM_CLASSES,
-    IF_STAGE1_SIZE,
-    IF_STAGE2_SIZE,
-    build_t5_tokenizer,
-)
+from helpers import load_pipeline
+from pipelines.tiny import TINY_MODELS, build_t5_tokenizer, build_tiny_models, write_spec
+from pipelines.tiny.cascades import CASCADE_MODELS, CM_NUM_CLASSES, IF_STAGE1_SIZE, IF_STAGE2_SIZE
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 
 EXPECTED_CLASSES = {
     "tiny-sdxl": StableDiffusionXLPipeline,
@@ -55,21 +50,10 @@ MAX_BATCH_DIFF = 2
 """Batched vs single calls round differently: at most a couple of 8-bit levels on a few values."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_threads() -> Iterator[None]:
-    """Runs torch on 1 thread: at these sizes 1 is faster than 2, and 2 threads stall when the other core is busy."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _write_all(root: Path) -> None:
-    """Writes every cascade model under root/<name>, seeded as pipelines.tiny's builder seeds each model."""
+    """Writes every cascade model under root/<name>, seeded as build_tiny_models seeds each model."""
     for name in WRITTEN:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(SEED)
-            CASCADE_MODELS[name].write(root / name)
+        write_spec(CASCADE_MODELS[name], root / name)
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +68,7 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def pipes(tiny_root: Path) -> dict[str, DiffusionPipeline]:
     """Each model loaded through the plain from_pretrained path, as real checkpoints are."""
-    loaded = {}
-    for name in EXPECTED_CLASSES:
-        pipe = DiffusionPipeline.from_pretrained(tiny_root / name, use_safetensors=True)
-        pipe.set_progress_bar_config(disable=True)
-        loaded[name] = pipe
-    return loaded
+    return {name: load_pipeline(tiny_root / name) for name in EXPECTED_CLASSES}
 
 
 def _gens(seeds: list[int]) -> list[torch.Generator]:

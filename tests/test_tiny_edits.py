@@ -1,9 +1,8 @@
-"""Tests for pipelines.tiny_edits: edit pipelines, ControlNets, LoRAs and an embedding, via diffusers' loaders."""
+"""Tests for pipelines.tiny.edits: edit pipelines, ControlNets, LoRAs and an embedding, via diffusers' loaders."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,41 +14,26 @@ from diffusers import ControlNetModel, DiffusionPipeline, MultiControlNetModel
 from PIL import Image
 from safetensors.torch import load_file
 
+from helpers import load_pipeline
 from pipelines.catalog import Catalog
-from pipelines.tiny import SEED, TINY_MODELS, build_tiny_models
-from pipelines.tiny_edits import EDIT_MODELS, EMBEDDING_FILE, EMBEDDING_TOKEN, LORA_FILE
+from pipelines.tiny import TINY_MODELS, build_tiny_models, write_spec
+from pipelines.tiny.edits import EDIT_MODELS, EMBEDDING_FILE, EMBEDDING_TOKEN, LORA_FILE
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 
 BASE_MODELS = ["tiny-sd", "tiny-sdxl"]
 SIZE = 64
 STEPS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_threads() -> Iterator[None]:
-    """1 torch thread: faster at these sizes, and the other core belongs to other workers."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _write(root: Path, name: str) -> None:
-    """Writes one spec as pipelines.tiny._build_one does: torch seeded with SEED, RNG restored after."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        EDIT_MODELS[name].write(root / name)
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny-sd and tiny-sdxl from pipelines.tiny, then every edit spec that writes a directory."""
+    """tiny-sd and tiny-sdxl through build_tiny_models, then every edit spec that writes a directory."""
     root = tmp_path_factory.mktemp("tiny-edits")
     build_tiny_models(root, BASE_MODELS)
     for name, spec in EDIT_MODELS.items():
         if spec.write is not None:
-            _write(root, name)
+            write_spec(spec, root / name)
     return root
 
 
@@ -64,15 +48,11 @@ def catalog(root: Path) -> Catalog:
 def _load(catalog: Catalog, name: str) -> DiffusionPipeline:
     """Loads a pipeline entry like pipelines.loading does, handing its ControlNets to `pipeline_class`."""
     entry = catalog.pipeline(name)
-    pipe = DiffusionPipeline.from_pretrained(entry.source, use_safetensors=True)
     extra: dict[str, Any] = {}
     if entry.controlnets:
         nets = [ControlNetModel.from_pretrained(catalog.get(n).source) for n in entry.controlnets]
         extra["controlnet"] = nets[0] if len(nets) == 1 else nets
-    if entry.pipeline_class and (extra or type(pipe).__name__ != entry.pipeline_class):
-        pipe = getattr(diffusers, entry.pipeline_class).from_pipe(pipe, **extra)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipeline(entry.source, entry.pipeline_class, **extra)
 
 
 class _Pipes(dict):

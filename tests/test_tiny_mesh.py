@@ -1,4 +1,4 @@
-"""Tests for pipelines.tiny_mesh and pipelines.mesh: tiny Shap-E pipelines rendered to GLB/PLY/OBJ and previews.
+"""Tests for pipelines.tiny.mesh and pipelines.media.mesh: tiny Shap-E pipelines rendered to GLB/PLY/OBJ and previews.
 
 Each family is built once, loaded through the plain ``DiffusionPipeline.from_pretrained``
 path and rendered once (2 inputs in one call, one generator per input); every other
@@ -15,7 +15,6 @@ import json
 import math
 import struct
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,14 @@ from diffusers import DiffusionPipeline, ShapEImg2ImgPipeline, ShapEPipeline
 from diffusers.pipelines.shap_e.renderer import MeshDecoder
 from PIL import Image
 
+from helpers import load_pipeline
 from pipelines.loading import quiet_hf_progress
-from pipelines.mesh import MESH_FORMATS, encode_mesh, meshes_from_output, preview_png
-from pipelines.tiny import SEED
-from pipelines.tiny_mesh import MESH_MODELS, SPHERE_RADIUS, marching_cubes_table
+from pipelines.media.mesh import MESH_FORMATS, encode_mesh, meshes_from_output, preview_png
+from pipelines.tiny import write_spec
+from pipelines.tiny.marching_cubes import marching_cubes_table
+from pipelines.tiny.mesh import MESH_MODELS, SPHERE_RADIUS
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 
 EXPECTED_CLASSES = {"tiny-shap-e": ShapEPipeline, "tiny-shap-e-img2img": ShapEImg2ImgPipeline}
 PROMPTS = ["a cat and the thing", "a red chair"]
@@ -55,30 +56,13 @@ class Render:
     seconds: float
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_threads() -> Iterator[None]:
-    """Runs torch on 1 thread, as the suite does: the other core belongs to other workers."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _write(spec_name: str, directory: Path) -> Path:
-    """Writes one model like build_tiny_models does (seeded, into a fresh dir)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        MESH_MODELS[spec_name].write(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def mesh_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Builds every mesh model once for the module."""
     quiet_hf_progress()
     root = tmp_path_factory.mktemp("tiny-mesh-models")
     for name in MESH_MODELS:
-        _write(name, root / name)
+        write_spec(MESH_MODELS[name], root / name)
     return root
 
 
@@ -100,8 +84,7 @@ def renders(mesh_root: Path) -> dict[str, Render]:
     """Loads each family through from_pretrained and renders 2 inputs in one call with the catalog defaults."""
     results = {}
     for name, spec in MESH_MODELS.items():
-        pipe = DiffusionPipeline.from_pretrained(mesh_root / name)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_pipeline(mesh_root / name)
         generators = [torch.Generator("cpu").manual_seed(s) for s in SEEDS]
         start = time.perf_counter()
         output = pipe(**_inputs(pipe), generator=generators, output_type="mesh", **spec.entry["defaults"])
@@ -161,7 +144,7 @@ def test_loads_as_right_class_with_table_in_safetensors(name: str, mesh_root: Pa
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_CLASSES))
 def test_build_is_deterministic(name: str, mesh_root: Path, tmp_path: Path) -> None:
-    again = _write(name, tmp_path / name)
+    again = write_spec(MESH_MODELS[name], tmp_path / name)
     for weights in sorted((mesh_root / name).rglob("*.safetensors")):
         assert _sha256(weights) == _sha256(again / weights.relative_to(mesh_root / name)), weights
 

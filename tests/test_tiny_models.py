@@ -1,9 +1,8 @@
-"""Tests for pipelines.tiny: offline tiny pipelines that load and render like real checkpoints."""
+"""Tests for pipelines.tiny (the SD/SDXL family and the builder): offline tiny pipelines that load and render like real checkpoints."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,21 +12,13 @@ import yaml
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
+from helpers import load_pipeline
 from pipelines.tiny import MARKER_FILE, TINY_MODELS, build_clip_tokenizer, build_tiny_models
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 
 EXPECTED_CLASSES = {"tiny-sd": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline}
 PROMPT = "a cat and the thing"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _torch_threads() -> Iterator[None]:
-    """Runs torch on 1 thread: at these sizes 1 is faster than 2, and 2 threads stall badly when the other core is busy."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +32,7 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def pipes(tiny_root: Path) -> dict[str, DiffusionPipeline]:
     """Loads each built model through the plain from_pretrained path, as real checkpoints are loaded."""
-    loaded = {}
-    for name in EXPECTED_CLASSES:
-        pipe = DiffusionPipeline.from_pretrained(tiny_root / name)
-        pipe.set_progress_bar_config(disable=True)
-        loaded[name] = pipe
-    return loaded
+    return {name: load_pipeline(tiny_root / name) for name in EXPECTED_CLASSES}
 
 
 def _render(pipe: DiffusionPipeline, prompt: str | list[str], seeds: list[int], **kwargs) -> list[Image.Image]:

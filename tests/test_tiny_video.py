@@ -1,4 +1,4 @@
-"""Tests for pipelines.tiny_video and pipelines.video: tiny video pipelines that load, render and encode.
+"""Tests for pipelines.tiny.video and pipelines.media.video: tiny video pipelines that load, render and encode.
 
 Every family is built offline, loaded through the ordinary
 ``DiffusionPipeline.from_pretrained`` (+ ``from_pipe`` for a
@@ -15,7 +15,6 @@ import re
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +30,12 @@ from diffusers import (
 )
 from PIL import Image
 
-from pipelines.tiny import SEED, build_tiny_models
-from pipelines.tiny_video import VIDEO_MODELS, build_t5_tokenizer
-from pipelines.video import VIDEO_FORMATS, encode_video, split_batch_frames, video_frames
+from helpers import load_pipeline
+from pipelines.media.video import VIDEO_FORMATS, encode_video, split_batch_frames, video_frames
+from pipelines.tiny import build_t5_tokenizer, build_tiny_models, write_spec
+from pipelines.tiny.video import VIDEO_MODELS
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 PROMPTS = ["a cat and the dog", "the thing of cats"]
@@ -50,38 +50,20 @@ EXPECTED = {
 FAMILIES = sorted(EXPECTED)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_threads() -> Iterator[None]:
-    """Runs torch on 1 thread: fastest at these sizes, and the other core belongs to someone else."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def video_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Builds tiny-sd (for the weight comparison) and every video model once, seeded like pipelines.tiny does."""
+    """Builds tiny-sd (for the weight comparison) and every video model once, seeded like build_tiny_models does."""
     root = tmp_path_factory.mktemp("tiny-video")
     build_tiny_models(root, ["tiny-sd"])
     for name, spec in VIDEO_MODELS.items():
         assert spec.write is not None, f"{name} has no writer"
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(SEED)
-            spec.write(root / name)
+        write_spec(spec, root / name)
     return root
 
 
 def _load(root: Path, name: str) -> DiffusionPipeline:
     """Loads like a real checkpoint: from_pretrained, then from_pipe when the entry names a pipeline_class."""
-    pipe = DiffusionPipeline.from_pretrained(root / name, use_safetensors=True)
-    pipeline_class = VIDEO_MODELS[name].entry.get("pipeline_class")
-    if pipeline_class:
-        import diffusers
-
-        pipe = getattr(diffusers, pipeline_class).from_pipe(pipe)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipeline(root / name, VIDEO_MODELS[name].entry.get("pipeline_class"))
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,25 @@ flags everything (``flag_all``). Nothing is special-cased at load time.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from safetensors.torch import load_file, save_file
+from transformers import CLIPConfig
 
-from pipelines.tiny import SEED, TinySpec
+from pipelines.loading import quiet_hf_progress
+from pipelines.safety import checker_dirs, processor_class
+from pipelines.tiny.common import SEED, TinySpec, forked_seed
 
-__all__ = ["SAFETY_MODELS", "MODES", "IMAGE_SIZE", "build_tiny_safety_checker", "set_checker_mode", "write_tiny_safety_checker"]
+__all__ = [
+    "IMAGE_SIZE",
+    "MODES",
+    "SAFETY_MODELS",
+    "build_tiny_safety_checker",
+    "set_checker_mode",
+    "write_tiny_safety_checker",
+]
 
 IMAGE_SIZE = 32
 """The tiny checker's input size (resize shortest edge, then center crop)."""
@@ -32,13 +44,8 @@ MODES = {"pass_all": 2.0, "flag_all": -2.0}
 _THRESHOLD_KEYS = ("concept_embeds_weights", "special_care_embeds_weights")
 
 
-def build_tiny_safety_checker():
+def build_tiny_safety_checker() -> tuple[StableDiffusionSafetyChecker, Any]:
     """(checker, image processor) with random weights; seed torch first for identical builds."""
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig
-
-    from pipelines.safety import _processor_class
-
     width = 32
     config = CLIPConfig(
         # The checker never builds the text tower, but CLIPConfig needs one; keep it tiny and consistent.
@@ -70,7 +77,7 @@ def build_tiny_safety_checker():
         checker.special_care_embeds.copy_(torch.randn_like(checker.special_care_embeds))
         checker.concept_embeds_weights.fill_(MODES["pass_all"])
         checker.special_care_embeds_weights.fill_(MODES["pass_all"])
-    processor = _processor_class()(
+    processor = processor_class()(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
     )
@@ -79,12 +86,9 @@ def build_tiny_safety_checker():
 
 def write_tiny_safety_checker(directory: str | Path) -> None:
     """Builds the tiny checker deterministically (own seed, caller's RNG untouched) and saves it in the Hub layout."""
-    from pipelines.loading import quiet_hf_progress
-
     quiet_hf_progress()
     directory = Path(directory)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
+    with forked_seed(SEED):
         checker, processor = build_tiny_safety_checker()
     checker.save_pretrained(str(directory), safe_serialization=True)
     processor.save_pretrained(str(directory))
@@ -94,8 +98,6 @@ def set_checker_mode(checker_dir: str | Path, mode: str) -> None:
     """Rewrites a saved checker's thresholds so it flags every image ("flag_all") or none ("pass_all")."""
     if mode not in MODES:
         raise ValueError(f"unknown checker mode {mode!r}; known: {sorted(MODES)}")
-    from pipelines.safety import checker_dirs
-
     model_dir, _ = checker_dirs(checker_dir)
     weights = model_dir / "model.safetensors"
     if not weights.is_file():
@@ -114,4 +116,4 @@ def set_checker_mode(checker_dir: str | Path, mode: str) -> None:
 SAFETY_MODELS: dict[str, TinySpec] = {
     "tiny-safety-checker": TinySpec(write_tiny_safety_checker, {"kind": "safety_checker"}),
 }
-"""Name -> spec; picked up by `pipelines.tiny.all_tiny_models` once this module is one of its families."""
+"""Name -> spec for the tiny safety checker; the name is also its directory and catalog key."""

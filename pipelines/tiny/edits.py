@@ -1,6 +1,6 @@
 """Tiny edit, ControlNet, LoRA and textual-inversion models for offline tests.
 
-Companions to :mod:`pipelines.tiny`: every spec here either writes its own
+Companions to :mod:`pipelines.tiny.sd`: every spec here either writes its own
 small, deterministic, random-weight model (safetensors only) or, with
 ``write=None``, names another tiny model's directory as its ``source`` and
 builds a different diffusers pipeline over the same components through
@@ -24,8 +24,7 @@ untouched): a build is byte-identical whoever calls it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,8 @@ from diffusers import (
 )
 from safetensors.torch import save_file
 
-from pipelines.tiny import SEED, TinySpec, build_tiny_sd, build_tiny_sdxl, image_entry, save_pipeline
+from pipelines.tiny.common import SEED, TinySpec, forked_seed, save_pipeline
+from pipelines.tiny.sd import build_tiny_sd, build_tiny_sdxl, image_entry
 
 __all__ = [
     "EDIT_MODELS",
@@ -78,14 +78,6 @@ _EDIT_DEFAULTS: dict[str, Any] = {"num_inference_steps": 4, "guidance_scale": 5.
 """No width/height: img2img and pix2pix silently ignore them (their output takes the input image's size)."""
 
 
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seeds torch for a deterministic build without disturbing the caller's RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def _unet_with_in_channels(unet: UNet2DConditionModel, in_channels: int) -> UNet2DConditionModel:
     """A fresh random UNet with `unet`'s config except its input channels."""
     return UNet2DConditionModel.from_config({**unet.config, "in_channels": in_channels})
@@ -99,7 +91,7 @@ def build_tiny_sd_inpaint_9ch() -> StableDiffusionInpaintPipeline:
     two different images, against ~1 for the noise), so with plain random weights the input image
     hardly mattered (outputs 1/255 apart); conv_in's masked-image weights are scaled up to fix that.
     """
-    with _seeded(SEED):
+    with forked_seed(SEED):
         sd = build_tiny_sd()
         unet = _unet_with_in_channels(sd.unet, 9)
     with torch.no_grad():
@@ -109,7 +101,7 @@ def build_tiny_sd_inpaint_9ch() -> StableDiffusionInpaintPipeline:
 
 def build_tiny_pix2pix() -> StableDiffusionInstructPix2PixPipeline:
     """Tiny InstructPix2Pix with an 8-channel UNet (4 latent + 4 input-image latent channels)."""
-    with _seeded(SEED):
+    with forked_seed(SEED):
         sd = build_tiny_sd()
         unet = _unet_with_in_channels(sd.unet, 8)
     components = {**sd.components, "unet": unet}
@@ -126,9 +118,9 @@ def build_tiny_controlnet(base: Callable[[], DiffusionPipeline], seed: int) -> C
     (a black hint embeds to exactly zero) and a last conv scaled up until the hint's embedding
     is about as large as `conv_in`'s output it is added to.
     """
-    with _seeded(SEED):
+    with forked_seed(SEED):
         unet = base().unet
-    with _seeded(seed):
+    with forked_seed(seed):
         controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=_CONDITIONING_CHANNELS)
         for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
             conv.reset_parameters()
@@ -143,6 +135,8 @@ def build_tiny_controlnet(base: Callable[[], DiffusionPipeline], seed: int) -> C
 
 
 def _write_controlnet(base: Callable[[], DiffusionPipeline], seed: int) -> Callable[[Path], None]:
+    """A writer for a ControlNet shaped like `base()`'s UNet (see build_tiny_controlnet)."""
+
     def write(directory: Path) -> None:
         build_tiny_controlnet(base, seed).save_pretrained(str(directory), safe_serialization=True)
 
@@ -156,12 +150,12 @@ def _write_lora(seed: int) -> Callable[[Path], None]:
         from peft import LoraConfig
         from peft.utils import get_peft_model_state_dict
 
-        with _seeded(SEED):
+        with forked_seed(SEED):
             unet = build_tiny_sd().unet
         config = LoraConfig(
             r=4, lora_alpha=4, init_lora_weights=False, target_modules=list(LORA_TARGET_MODULES)
         )
-        with _seeded(seed):
+        with forked_seed(seed):
             unet.add_adapter(config)  # init_lora_weights=False: A and B both random, so the LoRA changes outputs.
         StableDiffusionPipeline.save_lora_weights(
             str(directory),
@@ -177,10 +171,10 @@ def _write_embedding(seed: int, token: str) -> Callable[[Path], None]:
     """A writer for a one-vector textual-inversion embedding sized to tiny-sd's text encoder."""
 
     def write(directory: Path) -> None:
-        with _seeded(SEED):
+        with forked_seed(SEED):
             text_encoder = build_tiny_sd().text_encoder
         hidden = text_encoder.config.hidden_size
-        with _seeded(seed):
+        with forked_seed(seed):
             # About the scale of the encoder's own token embeddings, yet clearly not any of them.
             vector = torch.randn(1, hidden) * text_encoder.get_input_embeddings().weight.std().item()
         Path(directory).mkdir(parents=True, exist_ok=True)
@@ -190,6 +184,7 @@ def _write_embedding(seed: int, token: str) -> Callable[[Path], None]:
 
 
 def _edit_entry(pipeline_class: str, source: str | None = None, **defaults: Any) -> dict[str, Any]:
+    """An edit catalog entry for `pipeline_class`, over `source`'s directory when given (a writer-less spec)."""
     entry: dict[str, Any] = {
         "kind": "pipeline",
         "pipeline_class": pipeline_class,

@@ -1,6 +1,6 @@
 """Tiny random-weight cascades and few-step families, built fully offline.
 
-Companion to :mod:`pipelines.tiny`: the same conventions (deterministic random
+Companion to :mod:`pipelines.tiny.sd`: the same conventions (deterministic random
 weights, safetensors, loads through plain ``DiffusionPipeline.from_pretrained``),
 for the pipeline families whose call shape differs from plain text-to-image:
 
@@ -29,18 +29,15 @@ for the pipeline families whose call shape differs from plain text-to-image:
     about [-1, 1]) -> ``stage2(prompt, image=<that tensor>, ...)``.
 
 Every builder draws from torch's global RNG, which the caller seeds
-(``pipelines.tiny._build_one`` seeds ``SEED`` before each writer); components
+(``build_tiny_models`` seeds ``SEED`` before each writer, see ``write_spec``); components
 shared with another tiny model are rebuilt under their own ``SEED`` fork so they
 match that model exactly whatever the caller's RNG state.
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
-import torch
 from diffusers import (
     CMStochasticIterativeScheduler,
     ConsistencyModelPipeline,
@@ -53,28 +50,29 @@ from diffusers import (
     UNet2DConditionModel,
     UNet2DModel,
 )
-from transformers import CLIPTextModel, T5Config, T5EncoderModel
+from transformers import CLIPTextModel, PreTrainedModel, T5TokenizerFast
 
-from pipelines.tiny import (
-    sdxl_unet,
-    build_t5_tokenizer,
+from pipelines.tiny.common import (
     SEED,
     TinySpec,
-    _scheduler,
-    _tiny_clip_text_config,
-    _tiny_vae,
-    _tokenizer_ids,
-    build_clip_tokenizer,
-    build_tiny_sdxl,
+    build_t5_tokenizer,
+    clip_text_config,
+    clip_tokenizer,
+    euler_scheduler,
+    forked_seed,
     save_pipeline,
+    sd_unet,
+    sdxl_unet,
+    t5_encoder,
+    tiny_vae,
 )
+from pipelines.tiny.sd import IMAGE_DEFAULTS, build_tiny_sdxl
 
 __all__ = [
     "CASCADE_MODELS",
     "CM_NUM_CLASSES",
     "IF_STAGE1_SIZE",
     "IF_STAGE2_SIZE",
-    "build_t5_tokenizer",
     "build_tiny_cm",
     "build_tiny_if",
     "build_tiny_if_2",
@@ -97,19 +95,14 @@ IF_STAGE2_SIZE = 128
 _T5_WIDTH = 32
 """d_model of the tiny T5 encoder; IF UNets take it as encoder_hid_dim."""
 
-# A tiny SentencePiece-style Unigram vocabulary: "▁" marks a word start (Metaspace).
-# Characters outside it map to <unk>, which is fine for random weights.
-
-
 # ---------------------------------------------------------------------------
 # SDXL refiner
 
 
 def build_tiny_sdxl_refiner() -> StableDiffusionXLImg2ImgPipeline:
     """Tiny SDXL refiner: text_encoder_2 only, aesthetic-score time ids, tiny-sdxl's VAE and encoder 2."""
-    with torch.random.fork_rng(devices=[]):
+    with forked_seed(SEED):
         # Rebuild tiny-sdxl exactly as its own writer does, to share its VAE and second text encoder.
-        torch.manual_seed(SEED)
         base = build_tiny_sdxl()
     text_encoder_2 = base.text_encoder_2
     addition_time_embed_dim = 8
@@ -124,7 +117,7 @@ def build_tiny_sdxl_refiner() -> StableDiffusionXLImg2ImgPipeline:
         tokenizer=None,
         tokenizer_2=base.tokenizer_2,
         unet=unet,
-        scheduler=_scheduler(),
+        scheduler=euler_scheduler(),
         image_encoder=None,
         feature_extractor=None,
         requires_aesthetics_score=True,
@@ -162,23 +155,10 @@ def build_tiny_cm() -> ConsistencyModelPipeline:
 
 def build_tiny_lcm() -> LatentConsistencyModelPipeline:
     """Tiny LCM: an SD-style UNet with a guidance-scale embedding (time_cond_proj_dim) and LCMScheduler."""
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-        time_cond_proj_dim=32,  # LCM embeds w = guidance_scale - 1 and adds it to the time embedding
-    )
-    vae = _tiny_vae()
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_clip_tokenizer(Path(tmp))
-    text_encoder = CLIPTextModel(_tiny_clip_text_config(len(tokenizer), **_tokenizer_ids(tokenizer)))
+    unet = sd_unet(time_cond_proj_dim=32)  # LCM embeds w = guidance_scale - 1 and adds it to the time embedding
+    vae = tiny_vae()
+    tokenizer = clip_tokenizer()
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer))
     # SimianLuo/LCM_Dreamshaper_v7's scheduler config.
     scheduler = LCMScheduler(
         num_train_timesteps=1000,
@@ -210,25 +190,12 @@ def build_tiny_lcm() -> LatentConsistencyModelPipeline:
 # DeepFloyd IF (pixel cascade with a T5 encoder)
 
 
-
-def _tiny_t5_encoder(vocab_size: int) -> T5EncoderModel:
-    """A 2-layer, 32-wide T5 v1.1-style encoder (gated GELU) over the local tokenizer's vocabulary."""
-    config = T5Config(
-        vocab_size=vocab_size,
-        d_model=_T5_WIDTH,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
+def _if_t5_encoder(tokenizer: T5TokenizerFast) -> PreTrainedModel:
+    """A 32-wide T5 v1.1-style encoder (gated GELU, 4 heads, no dropout) like IF's T5-XXL, only tiny."""
+    return t5_encoder(
+        tokenizer, width=_T5_WIDTH, ff_width=37, heads=4, activation="gated-gelu",
+        relative_attention_max_distance=32, dropout_rate=0.0,
     )
-    return T5EncoderModel(config)
 
 
 def _if_unet(stage: int) -> UNet2DConditionModel:
@@ -295,7 +262,7 @@ def _if_scheduler() -> DDPMScheduler:
 def build_tiny_if() -> IFPipeline:
     """Tiny DeepFloyd IF stage I: T5 text encoder + 32x32 pixel UNet; no watermarker or safety checker."""
     tokenizer = build_t5_tokenizer()
-    text_encoder = _tiny_t5_encoder(len(tokenizer))
+    text_encoder = _if_t5_encoder(tokenizer)
     unet = _if_unet(1)
     return IFPipeline(
         tokenizer=tokenizer,
@@ -311,9 +278,8 @@ def build_tiny_if() -> IFPipeline:
 
 def build_tiny_if_2() -> IFSuperResolutionPipeline:
     """Tiny DeepFloyd IF stage II: upsamples to 128x128, conditioned on stage I's T5 (shared weights)."""
-    with torch.random.fork_rng(devices=[]):
+    with forked_seed(SEED):
         # Rebuild stage I exactly as its own writer does, to share its tokenizer and T5 encoder.
-        torch.manual_seed(SEED)
         stage1 = build_tiny_if()
     unet = _if_unet(2)
     image_noising_scheduler = DDPMScheduler(
@@ -346,8 +312,6 @@ def build_tiny_if_2() -> IFSuperResolutionPipeline:
 # ---------------------------------------------------------------------------
 # Catalog specs
 
-_SDXL_DEFAULTS: dict[str, Any] = {"num_inference_steps": 4, "guidance_scale": 5.0, "width": 64, "height": 64}
-
 CASCADE_MODELS: dict[str, TinySpec] = {
     "tiny-sdxl-refiner": TinySpec(
         save_pipeline(build_tiny_sdxl_refiner),
@@ -367,7 +331,7 @@ CASCADE_MODELS: dict[str, TinySpec] = {
             "tasks": ["image"],
             "stages": ["tiny-sdxl-refiner"],
             # denoising_end is the base's; the refiner stage gets denoising_start equal to it.
-            "defaults": {**_SDXL_DEFAULTS, "denoising_end": 0.5},
+            "defaults": {**IMAGE_DEFAULTS, "denoising_end": 0.5},
         },
     ),
     "tiny-cm": TinySpec(

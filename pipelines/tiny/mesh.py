@@ -1,6 +1,6 @@
 """Tiny random-weight Shap-E (text-to-3D and image-to-3D) pipelines, built fully offline.
 
-The 3D counterpart of ``pipelines.tiny``: small, deterministic pipelines that load
+The 3D counterpart of :mod:`pipelines.tiny.sd`: small, deterministic pipelines that load
 through the ordinary ``DiffusionPipeline.from_pretrained(dir)`` path, so mesh
 rendering is tested end to end without Hub access.
 
@@ -18,7 +18,7 @@ Two things a random-weight renderer gets wrong, fixed here in the saved weights
 
 * ``MeshDecoder``'s marching-cubes lookup table (the ``cases``/``masks`` buffers)
   is all zeros in a fresh renderer; real checkpoints carry it.  It is generated
-  here from the cube's topology (``marching_cubes_table``), with one consistent
+  here from the cube's topology (:mod:`pipelines.tiny.marching_cubes`), with one consistent
   rule for ambiguous faces, so every mesh it produces is closed and consistently
   wound.
 * A random MLP gives a noise SDF (million-vertex meshes).  The renderer's MLP is
@@ -33,11 +33,8 @@ seconds on one CPU thread whatever the model size.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import HeunDiscreteScheduler, PriorTransformer, ShapEImg2ImgPipeline, ShapEPipeline
 from diffusers.pipelines.shap_e.renderer import ShapERenderer
@@ -48,14 +45,14 @@ from transformers import (
     CLIPVisionModel,
 )
 
-from pipelines.tiny import TinySpec, _tiny_clip_text_config, _tokenizer_ids, build_clip_tokenizer, save_pipeline, seeded
+from pipelines.tiny.common import TinySpec, clip_text_config, clip_tokenizer, save_pipeline, seeded
+from pipelines.tiny.marching_cubes import marching_cubes_table
 
 __all__ = [
     "MESH_MODELS",
     "SPHERE_RADIUS",
     "build_tiny_shap_e",
     "build_tiny_shap_e_img2img",
-    "marching_cubes_table",
     "mesh_entry",
 ]
 
@@ -101,99 +98,6 @@ _COLOUR_INPUTS = (0, 1, 2, 3, 4, 5, 48, 49, 50)
 """Encoded-position features colours may use: xyz, sin and cos at the base octave (smooth on the sphere)."""
 
 _DEFAULTS: dict[str, Any] = {"num_inference_steps": 2, "guidance_scale": 3.0, "frame_size": 32}
-
-
-def _corner(index: int) -> np.ndarray:
-    """Cube corner coordinates, as MeshDecoder numbers them: bit 0 is x, bit 1 is y, bit 2 is z."""
-    return np.array([index & 1, (index >> 1) & 1, (index >> 2) & 1], dtype=float)
-
-
-def _edge_index(a: int, b: int) -> int:
-    """MeshDecoder's number (0-11) for the cube edge between corners a and b.
-
-    Its edge list (``_create_flat_edge_indices``) is: 0-3 along x at (y, z) = bits of
-    the index, 4-7 along y at (x, z), 8-11 along z at (x, y).
-    """
-    a, b = sorted((a, b))
-    axis = {1: 0, 2: 1, 4: 2}[b - a]
-    others = [bit for bit in range(3) if bit != axis]
-    return 4 * axis + ((a >> others[0]) & 1) + 2 * ((a >> others[1]) & 1)
-
-
-def _cube_faces() -> list[tuple[list[int], np.ndarray]]:
-    """The six cube faces as (corners in cyclic order, outward normal)."""
-    faces = []
-    for axis in range(3):
-        for side in (0, 1):
-            corners = [c for c in range(8) if (c >> axis) & 1 == side]
-            normal = np.zeros(3)
-            normal[axis] = 1.0 if side else -1.0
-            faces.append(([corners[0], corners[1], corners[3], corners[2]], normal))
-    return faces
-
-
-def _edge_midpoint(edge: tuple[int, int]) -> np.ndarray:
-    """Midpoint of a cube edge, used only to orient segments."""
-    return (_corner(edge[0]) + _corner(edge[1])) / 2
-
-
-def _case_triangles(case: int) -> list[tuple[int, int, int]]:
-    """Triangles (as MeshDecoder edge numbers) for one corner sign pattern.
-
-    On each cube face the surface crosses as one or two segments; on an ambiguous
-    face (diagonal corners alike) the inside corners are always cut off separately.
-    That rule looks only at the face, so the two cubes sharing a face agree and the
-    mesh has no cracks.  Segments are oriented so that the surface normal points
-    out of the shape (towards negative field, which MeshDecoder treats as outside),
-    chained into loops around the cube, and each loop is fan-triangulated.
-    """
-    inside = [bool((case >> c) & 1) for c in range(8)]
-    successor: dict[int, int] = {}
-    for ring, normal in _cube_faces():
-        signs = [inside[c] for c in ring]
-        crossed = [k for k in range(4) if signs[k] != signs[(k + 1) % 4]]
-        segments: list[tuple[tuple[int, int], tuple[int, int], np.ndarray]] = []
-        if len(crossed) == 2:
-            edges = [(ring[k], ring[(k + 1) % 4]) for k in crossed]
-            toward = np.mean([_corner(c) for c in ring if inside[c]], axis=0)
-            segments.append((edges[0], edges[1], toward))
-        elif len(crossed) == 4:
-            for k in range(4):
-                if signs[k]:
-                    before, after = (ring[k], ring[(k - 1) % 4]), (ring[k], ring[(k + 1) % 4])
-                    segments.append((before, after, _corner(ring[k])))
-        for first, second, toward in segments:
-            start, end = _edge_midpoint(first), _edge_midpoint(second)
-            # (end - start) x normal must point at the inside corners for an outward-facing surface.
-            if np.dot(np.cross(end - start, normal), toward - (start + end) / 2) < 0:
-                first, second = second, first
-            successor[_edge_index(*first)] = _edge_index(*second)
-    triangles: list[tuple[int, int, int]] = []
-    while successor:
-        loop = [next(iter(successor))]
-        while (following := successor.pop(loop[-1])) != loop[0]:
-            loop.append(following)
-        triangles += [(loop[0], loop[i], loop[i + 1]) for i in range(1, len(loop) - 1)]
-    return triangles
-
-
-def marching_cubes_table() -> tuple[torch.Tensor, torch.Tensor]:
-    """The 256-case marching-cubes table in MeshDecoder's layout: ``cases`` (256, 5, 3) edge numbers and ``masks``.
-
-    Derived from the cube topology (no copied table), since a fresh renderer's
-    buffers are zeros and only real checkpoints fill them.  Case ``i`` has bit
-    ``x + 2y + 4z`` set when that corner's field is > 0 (inside).
-    """
-    cases = torch.zeros(256, 5, 3, dtype=torch.long)
-    masks = torch.zeros(256, 5, dtype=torch.bool)
-    for case in range(256):
-        triangles = _case_triangles(case)
-        if len(triangles) > cases.shape[1]:
-            raise AssertionError(f"marching-cubes case {case} needs {len(triangles)} triangles (max 5)")
-        for slot, triangle in enumerate(triangles):
-            cases[case, slot] = torch.tensor(triangle)
-            masks[case, slot] = True
-    return cases, masks
 
 
 def _sphere_mlp(radius: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -306,15 +210,11 @@ def _scheduler() -> HeunDiscreteScheduler:
     )
 
 
-
 @seeded
 def build_tiny_shap_e() -> ShapEPipeline:
     """Tiny text-to-3D ShapEPipeline whose renderer meshes a sphere (colours depend on prompt and seed)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_clip_tokenizer(Path(tmp))
-    config = _tiny_clip_text_config(
-        len(tokenizer), hidden_size=TEXT_WIDTH, projection_dim=TEXT_WIDTH, **_tokenizer_ids(tokenizer)
-    )
+    tokenizer = clip_tokenizer()
+    config = clip_text_config(tokenizer, hidden_size=TEXT_WIDTH, projection_dim=TEXT_WIDTH)
     return ShapEPipeline(
         prior=_prior(TEXT_WIDTH),
         text_encoder=CLIPTextModelWithProjection(config),
@@ -369,4 +269,4 @@ MESH_MODELS: dict[str, TinySpec] = {
     "tiny-shap-e": TinySpec(save_pipeline(build_tiny_shap_e), mesh_entry()),
     "tiny-shap-e-img2img": TinySpec(save_pipeline(build_tiny_shap_e_img2img), mesh_entry()),
 }
-"""Name -> spec for the tiny 3D models; register into TINY_MODELS to build them with the rest."""
+"""Name -> spec for the tiny 3D models; the name is also its directory and catalog key."""

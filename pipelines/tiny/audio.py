@@ -1,6 +1,6 @@
 """Tiny random-weight text-to-audio pipelines, built fully offline.
 
-The audio counterpart of ``pipelines.tiny``: small, deterministic pipelines
+The audio counterpart of :mod:`pipelines.tiny.sd`: small, deterministic pipelines
 that load through the ordinary ``DiffusionPipeline.from_pretrained(dir)`` path,
 so audio rendering is tested end to end without any Hub access.  Every
 tokenizer is built locally and every model from a config with random weights.
@@ -52,14 +52,21 @@ from transformers import (
     ClapTextModelWithProjection,
     GPT2Config,
     GPT2LMHeadModel,
-    RobertaTokenizer,
     SpeechT5HifiGan,
     SpeechT5HifiGanConfig,
-    T5Config,
-    T5EncoderModel,
 )
 
-from pipelines.tiny import MODEL_MAX_LENGTH, _tiny_vae, TinySpec, _bytes_to_unicode, build_t5_tokenizer, save_pipeline, seeded
+from pipelines.tiny.common import (
+    MODEL_MAX_LENGTH,
+    TinySpec,
+    build_t5_tokenizer,
+    roberta_tokenizer,
+    save_pipeline,
+    seeded,
+    t5_encoder,
+    tiny_vae,
+    tokenizer_ids,
+)
 
 __all__ = ["AUDIO_MODELS", "build_tiny_audioldm", "build_tiny_audioldm2", "build_tiny_stable_audio"]
 
@@ -81,38 +88,6 @@ STABLE_AUDIO_RATIOS = (2, 4, 8)
 STABLE_AUDIO_LATENT_FRAMES = 384
 """DiT sample size: 384 * 64 / 24000 = 1.024 s, the longest clip the tiny model can render."""
 
-# A few byte-level merges so the BPE tokenizers exercise merging, like real vocabularies.
-_ROBERTA_MERGES = (
-    ("Ġ", "t"),
-    ("h", "e"),
-    ("Ġt", "he"),
-    ("Ġ", "a"),
-    ("Ġ", "c"),
-    ("a", "t"),
-    ("Ġc", "at"),
-    ("Ġ", "d"),
-    ("o", "g"),
-    ("Ġd", "og"),
-)
-
-
-
-def _roberta_tokenizer() -> RobertaTokenizer:
-    """A byte-level RoBERTa (CLAP) tokenizer with every byte in the vocab, since the real one needs the Hub."""
-    byte_chars = list(_bytes_to_unicode().values())
-    tokens = ["<s>", "<pad>", "</s>", "<unk>", *byte_chars, *("".join(m) for m in _ROBERTA_MERGES), "<mask>"]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    return RobertaTokenizer(vocab=vocab, merges=list(_ROBERTA_MERGES), model_max_length=MODEL_MAX_LENGTH)
-
-
-
-def _special_ids(tokenizer: Any) -> dict[str, int]:
-    """Special-token ids from the tokenizer, so the text encoder pads and pools where the tokenizer puts them."""
-    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-    if tokenizer.bos_token_id is not None:
-        ids["bos_token_id"] = tokenizer.bos_token_id
-    return ids
-
 
 def _audioldm_vocoder() -> SpeechT5HifiGan:
     """A 4-stage HiFi-GAN with AudioLDM's 16 kHz / 160-sample hop, so 1 s of audio is a realistic 100 mel frames."""
@@ -131,8 +106,6 @@ def _audioldm_vocoder() -> SpeechT5HifiGan:
     return SpeechT5HifiGan(config)
 
 
-
-
 def _audioldm_scheduler() -> DDIMScheduler:
     """AudioLDM's own DDIM schedule (AudioLDM2 uses the same one)."""
     return DDIMScheduler(
@@ -148,7 +121,7 @@ def _audioldm_scheduler() -> DDIMScheduler:
 
 def build_tiny_audioldm() -> AudioLDMPipeline:
     """Tiny AudioLDMPipeline (mono, 16 kHz) for the deprecated-but-common AudioLDM path."""
-    tokenizer = _roberta_tokenizer()
+    tokenizer = roberta_tokenizer()
     text_config = ClapTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=16,
@@ -158,10 +131,10 @@ def build_tiny_audioldm() -> AudioLDMPipeline:
         # RoBERTa-style positions start at pad_token_id + 1, so 77 tokens need 77 + 2 positions.
         max_position_embeddings=MODEL_MAX_LENGTH + 2,
         projection_dim=16,
-        **_special_ids(tokenizer),
+        **tokenizer_ids(tokenizer),
     )
     text_encoder = ClapTextModelWithProjection(text_config)
-    vae = _tiny_vae(channels=1)
+    vae = tiny_vae(channels=1)
     block_out_channels = (16, 32)
     unet = UNet2DConditionModel(
         sample_size=16,  # default length 16 latent frames * 8 * 10 ms = 1.28 s
@@ -192,7 +165,7 @@ def build_tiny_audioldm() -> AudioLDMPipeline:
 
 def build_tiny_audioldm2() -> AudioLDM2Pipeline:
     """Tiny AudioLDM2Pipeline (mono, 16 kHz): CLAP + T5 -> GPT-2 -> two-stream UNet, the current AudioLDM family."""
-    tokenizer = _roberta_tokenizer()
+    tokenizer = roberta_tokenizer()
     tokenizer_2 = build_t5_tokenizer()
     clap_text = ClapTextConfig(
         vocab_size=len(tokenizer),
@@ -202,7 +175,7 @@ def build_tiny_audioldm2() -> AudioLDM2Pipeline:
         num_attention_heads=2,
         max_position_embeddings=MODEL_MAX_LENGTH + 2,  # RoBERTa-style positions, see build_tiny_audioldm
         projection_dim=16,
-        **_special_ids(tokenizer),
+        **tokenizer_ids(tokenizer),
     )
     # The audio tower only ranks candidates when num_waveforms_per_prompt > 1 (and librosa is installed),
     # but ClapModel always builds it: keep it minimal.
@@ -224,19 +197,7 @@ def build_tiny_audioldm2() -> AudioLDM2Pipeline:
     text_encoder = ClapModel(
         ClapConfig(text_config=clap_text.to_dict(), audio_config=clap_audio.to_dict(), projection_dim=16)
     )
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            decoder_start_token_id=tokenizer_2.pad_token_id,
-            **_special_ids(tokenizer_2),
-        )
-    )
+    text_encoder_2 = t5_encoder(tokenizer_2, width=32, ff_width=37, heads=2, activation="relu")
     # The language model is fed embeddings and read from its last hidden state: token ids and the LM head go
     # unused, so a tiny vocab suffices. max_new_tokens (in its config, as in AudioLDM2's checkpoints) is the
     # number of generated conditioning vectors.
@@ -258,7 +219,7 @@ def build_tiny_audioldm2() -> AudioLDM2Pipeline:
         text_encoder_1_dim=text_encoder_2.config.d_model,
         langauge_model_dim=lm_dim,  # sic: diffusers' spelling
     )
-    vae = _tiny_vae(channels=1)
+    vae = tiny_vae(channels=1)
     # Per block: self-attention (None), cross-attention to the GPT-2 states, cross-attention to the T5 states.
     cross_attention_dim = [None, lm_dim, text_encoder_2.config.d_model]
     unet = AudioLDM2UNet2DConditionModel(
@@ -293,19 +254,7 @@ def build_tiny_audioldm2() -> AudioLDM2Pipeline:
 def build_tiny_stable_audio() -> StableAudioPipeline:
     """Tiny StableAudioPipeline (stereo, 24 kHz, up to 1.024 s) for the current StableAudio path."""
     tokenizer = build_t5_tokenizer()
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=16,
-            d_kv=8,
-            d_ff=32,
-            num_layers=2,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            decoder_start_token_id=tokenizer.pad_token_id,
-            **_special_ids(tokenizer),
-        )
-    )
+    text_encoder = t5_encoder(tokenizer, width=16, ff_width=32, heads=2, activation="relu")
     latent_channels = 4
     vae = AutoencoderOobleck(
         encoder_hidden_size=2 * latent_channels,  # the encoder emits mean and scale

@@ -1,10 +1,9 @@
 """Tiny random-weight text-to-video pipelines, built fully offline.
 
-The video counterpart of :mod:`pipelines.tiny`: each spec writes a small,
+The video counterpart of :mod:`pipelines.tiny.sd`: each spec writes a small,
 deterministic, random-weight pipeline with ``save_pretrained(...,
 safe_serialization=True)`` so that ``DiffusionPipeline.from_pretrained(dir)``
-loads it like a real checkpoint (no special-casing at load time).  Register
-them alongside ``TINY_MODELS`` to get them into the tiny catalog.
+loads it like a real checkpoint (no special-casing at load time).
 
 Families, and the call differences a renderer has to know (measured with
 diffusers 0.42.1):
@@ -40,8 +39,6 @@ accepts, so renderers pass a default only where ``__call__`` takes it.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from diffusers import (
@@ -54,31 +51,26 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
-from transformers import CLIPTextModel, UMT5Config, UMT5EncoderModel
+from transformers import CLIPTextModel
 
-from pipelines.tiny import (
-    build_t5_tokenizer,
+from pipelines.tiny.common import (
     MODEL_MAX_LENGTH,
     TinySpec,
-    _tiny_clip_text_config,
-    _tiny_vae,
-    _tokenizer_ids,
-    build_clip_tokenizer,
-    build_tiny_sd,
+    build_t5_tokenizer,
+    clip_text_config,
+    clip_tokenizer,
     save_pipeline,
+    t5_encoder,
+    tiny_vae,
 )
+from pipelines.tiny.sd import build_tiny_sd
 
 __all__ = [
     "VIDEO_MODELS",
-    "build_t5_tokenizer",
     "build_tiny_t2v",
     "build_tiny_t2v_zero_base",
     "build_tiny_wan",
 ]
-
-"""T5's fixed special tokens, at ids 0, 1, 2 as in the real vocab."""
-
-"""A few whole words, so the Unigram model has something better than single characters to pick."""
 
 
 def _ddim_scheduler() -> DDIMScheduler:
@@ -95,7 +87,6 @@ def _ddim_scheduler() -> DDIMScheduler:
     )
 
 
-
 def build_tiny_t2v() -> TextToVideoSDPipeline:
     """Tiny TextToVideoSDPipeline (UNet3D + SD's 4-block VAE + CLIP), 64x64 by default."""
     unet = UNet3DConditionModel(
@@ -110,11 +101,10 @@ def build_tiny_t2v() -> TextToVideoSDPipeline:
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_clip_tokenizer(Path(tmp))
-    text_encoder = CLIPTextModel(_tiny_clip_text_config(len(tokenizer), **_tokenizer_ids(tokenizer)))
+    tokenizer = clip_tokenizer()
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer))
     return TextToVideoSDPipeline(
-        vae=_tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_ddim_scheduler()
+        vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_ddim_scheduler()
     )
 
 
@@ -129,20 +119,7 @@ def build_tiny_wan() -> WanPipeline:
     """Tiny WanPipeline (Wan 2.1 layout): UMT5 encoder, causal 3D VAE, 2-layer transformer, flow-matching UniPC."""
     tokenizer = build_t5_tokenizer()
     text_dim = 32
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=text_dim,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = t5_encoder(tokenizer, width=text_dim, ff_width=64, heads=4, activation="gated-gelu", umt5=True)
     # z_dim stays 16: the pipeline de-normalises latents with the config's 16-entry latents_mean/std.
     vae = AutoencoderKLWan(
         base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
