@@ -14,6 +14,7 @@ import errno
 import functools
 import os
 import posixpath
+import stat
 import uuid
 from urllib.parse import urlsplit
 
@@ -207,11 +208,18 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     else:
         path = os.path.abspath(uri)
         try:
-            with open(path, "rb") as f:
-                _check_size(uri, os.fstat(f.fileno()).st_size, max_bytes)
-                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+            # Non-blocking open: a FIFO or device must not hang the reader; only regular files are read.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError as exc:
             raise _not_found(uri) from exc
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise ValueError(f"{uri} is not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as f:
+            _check_size(uri, info.st_size, max_bytes)
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     _check_size(uri, len(data), max_bytes)  # it may have grown since we looked
     return data
 

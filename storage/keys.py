@@ -26,13 +26,13 @@ def safe_id(row_id: str) -> str:
         raise ValueError("empty id")
     if _SAFE.fullmatch(row_id) and len(row_id) <= _MAX_NAME:
         return row_id
-    # Percent-encode everything outside [A-Za-z0-9_-]; '.' is encoded too so that
-    # names like '..' or '.hidden' cannot appear. '%' itself is encoded, so the
-    # mapping stays injective.
-    encoded = urllib.parse.quote(row_id, safe="-_").replace(".", "%2E")
+    # Percent-encode everything outside [A-Za-z0-9_-]: '.' too, so that names like '..' or '.hidden'
+    # cannot appear, and '~' too (quote leaves it alone), so that '~' marks truncated names only.
+    # '%' itself is encoded, so the mapping stays injective.
+    encoded = urllib.parse.quote(row_id, safe="-_").replace(".", "%2E").replace("~", "%7E")
     if len(encoded) <= _MAX_NAME:
         return encoded
-    # '~' never appears in the encodings above, so truncated names cannot collide with them.
+    # The only names with a '~': a prefix and the id's digest (128 bits), unlike every name above.
     return f"{encoded[:80]}~{id_hash(row_id)[:32]}"
 
 

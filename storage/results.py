@@ -103,15 +103,20 @@ def read_results(out: str) -> pa.Table:
     table = _read_parts(out)
     if table is None:
         return RESULT_SCHEMA.empty_table()
-    n = table.num_rows
-    final = pc.is_in(table["status"], value_set=pa.array(FINAL_STATUSES))
-    keyed = table.append_column("_final", final).append_column("_order", pa.array(range(n), pa.int64()))
-    keyed = keyed.sort_by([("id", "ascending"), ("_final", "descending"), ("_order", "descending")])
-    ids = keyed["id"].combine_chunks()
-    first = pc.not_equal(ids[1:], ids[:-1]) if n > 1 else pa.array([], pa.bool_())
-    keep = pa.concat_arrays([pa.array([True] * min(n, 1)), first.cast(pa.bool_())]) if n else pa.array([], pa.bool_())
-    best = keyed.filter(keep).sort_by([("_order", "ascending")])
-    return best.drop_columns(["_final", "_order"])
+    # Sort keys live in a table of their own, so no user column name can collide with them.
+    keys = pa.table({
+        "id": table["id"],
+        "final": pc.is_in(table["status"], value_set=pa.array(FINAL_STATUSES)),
+        "order": pa.array(range(table.num_rows), pa.int64()),
+    })
+    ranked = pc.sort_indices(keys, sort_keys=[("id", "ascending"), ("final", "descending"), ("order", "descending")])
+    ids = keys["id"].take(ranked).combine_chunks()
+    if len(ids) > 1:
+        first = pa.concat_arrays([pa.array([True]), pc.not_equal(ids[1:], ids[:-1]).cast(pa.bool_())])
+    else:
+        first = pa.array([True] * len(ids), pa.bool_())
+    best = ranked.filter(first)
+    return table.take(best.take(pc.sort_indices(best)))
 
 
 def finished_ids(out: str) -> pa.Array:

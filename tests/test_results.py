@@ -42,3 +42,15 @@ def test_final_row_beats_later_failure(tmp_path):
 def test_empty_out_has_no_results(tmp_path):
     assert read_results(str(tmp_path / "nothing")).num_rows == 0
     assert len(finished_ids(str(tmp_path / "nothing"))) == 0
+
+
+def test_user_columns_named_like_sort_keys_are_kept(tmp_path):
+    """Carried manifest columns keep their names, whatever they are called."""
+    w = ResultsWriter(str(tmp_path), flush_rows=1)
+    for i, status in (("a", "failed"), ("b", "ok"), ("a", "ok")):
+        t = rows((i, status, None))
+        w.add(t.append_column("_order", pa.array(["x"])).append_column("_final", pa.array([7])).append_column("order", pa.array([1.5])))
+    table = read_results(str(tmp_path))
+    assert table["id"].to_pylist() == ["b", "a"] and table["status"].to_pylist() == ["ok", "ok"]
+    assert table["_order"].to_pylist() == ["x", "x"] and table["_final"].to_pylist() == [7, 7]
+    assert sorted(finished_ids(str(tmp_path)).to_pylist()) == ["a", "b"]

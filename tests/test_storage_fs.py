@@ -205,3 +205,13 @@ def test_boto3_sees_what_fs_writes(s3_server):
         aws_access_key_id=s3_server.access_key, aws_secret_access_key=s3_server.secret_key,
     )
     assert plain.get_object(Bucket=bucket, Key=key)["Body"].read() == b"hi"
+
+
+def test_only_regular_local_files_are_read(tmp_path):
+    """A FIFO (which would block forever) and a directory fail at once with a clear error."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        fs.read_bytes(str(fifo))
+    with pytest.raises(ValueError, match="not a regular file"):
+        fs.read_bytes(str(tmp_path))
