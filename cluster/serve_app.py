@@ -29,21 +29,23 @@ from ray.serve.exceptions import BackPressureError
 from cluster.api import (
     APIError,
     AudioGenerationRequest,
+    GenerationRequest,
+    ImageEditRequest,
     ImageGenerationRequest,
     MeshGenerationRequest,
     VideoGenerationRequest,
+    failure_error,
+    invalid,
     parse_size,
+    row_values,
 )
 from cluster.renderer import Renderer, RendererConfig
 from pipelines.catalog import Catalog, ModelEntry
+from pipelines.media.formats import format_for_path
 from storage.fs import is_s3, join, read_bytes, s3_client, split_s3, write_bytes
-from storage.manifest import Limits
+from storage.params import Limits
 
 log = logging.getLogger(__name__)
-
-CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "mp4": "video/mp4", "gif": "image/gif",
-                 "glb": "model/gltf-binary", "ply": "application/ply", "obj": "model/obj", "wav": "audio/wav"}
-CLIENT_ERRORS = ("unknown_model", "unsupported_task", "unknown_task", "missing_prompt", "missing_input", "invalid_")
 
 
 @dataclass(frozen=True)
@@ -125,15 +127,12 @@ async def _api_error(_: Request, e: APIError) -> JSONResponse:
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-    return JSONResponse(_invalid(e.errors()).body(), status_code=400)
+    return JSONResponse(invalid(e.errors()).body(), status_code=400)
 
 
-def _invalid(errors: list[dict]) -> APIError:
-    first = errors[0] if errors else {}
-    loc = [str(x) for x in first.get("loc", ()) if x not in ("body",)]
-    param = ".".join(loc) or None
-    return APIError(400, f"{param or 'request'}: {first.get('msg', 'invalid request')}", param=param,
-                    code="invalid_json" if first.get("type") == "json_invalid" else "invalid_value")
+def _documented(model: type[GenerationRequest]) -> dict:
+    """The request body's schema for the OpenAPI document (routes parse bodies themselves, with limits)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -160,29 +159,44 @@ class Gateway:
         try:
             entry = self.catalog.pipeline(name or self._default_for(task))
         except KeyError:
-            raise APIError(404, f"model {name!r} does not exist; GET /v1/models lists them", param="model",
-                           code="model_not_found") from None
+            entry = None
+        if entry is None or entry.name not in self.models:
+            raise APIError(404, f"model {name!r} is not served here; GET /v1/models lists them", param="model",
+                           code="model_not_found")
         if task not in entry.tasks:
             raise APIError(400, f"model {entry.name!r} serves {', '.join(entry.tasks)}, not {task}", param="model",
                            code="unsupported_task")
         return entry
 
+    async def _body(self, request: Request, model: type[GenerationRequest]) -> Any:
+        """The JSON body validated once, against this deployment's limits."""
+        raw = await request.body()
+        try:
+            return model.model_validate_json(raw or b"{}", context={"limits": self.config.limits})
+        except ValidationError as e:
+            raise invalid(e.errors()) from None
+
+    def _validated(self, model: type[GenerationRequest], fields: dict[str, Any]) -> Any:
+        try:
+            return model.model_validate(fields, context={"limits": self.config.limits})
+        except ValidationError as e:
+            raise invalid(e.errors()) from None
+
     def _default_for(self, task: str) -> str:
         default = self.catalog.get(None)
-        if task in default.tasks:
+        if task in default.tasks and default.name in self.models:
             return default.name
         for entry in self.catalog.models.values():
-            if entry.kind == "pipeline" and task in entry.tasks and not entry.stages:
+            if entry.kind == "pipeline" and task in entry.tasks and not entry.stages and entry.name in self.models:
                 return entry.name
-        raise APIError(400, f"no model in the catalog serves {task}", param="model", code="model_not_found")
+        raise APIError(404, f"no model served here renders {task}", param="model", code="model_not_found")
 
     async def _render(self, route: str, entry: ModelEntry, task: str, body: Any, extra: dict[str, Any]) -> dict:
         rows = []
         request_id = uuid.uuid4().hex
         for i in range(body.n):
             row = {"id": f"{request_id}-{i}", "task": task, "model": entry.name, "prompt": body.prompt,
-                   "negative_prompt": body.negative_prompt, "num_inference_steps": body.num_inference_steps,
-                   "guidance_scale": body.guidance_scale, "output_format": body.output_format, **extra}
+                   "negative_prompt": body.negative_prompt, "output_format": body.output_format, **row_values(body), **extra}
             if body.seed is not None:
                 row["seed"] = body.seed + i
             rows.append(row)
@@ -203,11 +217,9 @@ class Gateway:
                 raise APIError(400, f"request blocked by the content policy: {r['filter_reason']}",
                                code="content_policy_violation")
             if r["status"] != "ok":
-                reason = (r.get("error") or "").split(":")[0]
-                status = 400 if reason.startswith(CLIENT_ERRORS) else 500
-                self.metrics["requests"].labels(entry.name, route, str(status)).inc()
-                raise APIError(status, r.get("error") or "render failed", type_="invalid_request_error" if status == 400 else "server_error",
-                               code=reason or None)
+                error = failure_error(r.get("error") or "internal_error: render failed")
+                self.metrics["requests"].labels(entry.name, route, str(error.status)).inc()
+                raise error
             self.metrics["outputs"].labels(entry.name, task).inc()
             data.append(self._item(r, body.response_format, body.prompt))
         self.metrics["requests"].labels(entry.name, route, "200").inc()
@@ -247,33 +259,36 @@ class Gateway:
     @app.get("/v1/files/{token}")
     async def file(self, token: str) -> Response:
         uri = read_token(self.config, token)
-        ext = uri.rsplit(".", 1)[-1]
-        return Response(read_bytes(uri), media_type=CONTENT_TYPES.get(ext, "application/octet-stream"))
+        fmt = format_for_path(uri)
+        return Response(read_bytes(uri), media_type=fmt.mime if fmt else "application/octet-stream")
 
-    @app.post("/v1/images/generations")
-    async def images(self, body: ImageGenerationRequest, request: Request) -> dict:
+    @app.post("/v1/images/generations", openapi_extra=_documented(ImageGenerationRequest))
+    async def images(self, request: Request) -> dict:
         self._auth(request)
+        body = await self._body(request, ImageGenerationRequest)
         entry = self._entry(body.model, "image")
-        width, height = parse_size(body.size, self.config.limits.max_pixels)
+        width, height = parse_size(body.size, self.config.limits)
         return await self._render("images", entry, "image", body, {"width": width, "height": height})
 
-    @app.post("/v1/videos/generations")
-    async def videos(self, body: VideoGenerationRequest, request: Request) -> dict:
+    @app.post("/v1/videos/generations", openapi_extra=_documented(VideoGenerationRequest))
+    async def videos(self, request: Request) -> dict:
         self._auth(request)
+        body = await self._body(request, VideoGenerationRequest)
         entry = self._entry(body.model, "video")
-        width, height = parse_size(body.size, self.config.limits.max_pixels)
-        return await self._render("videos", entry, "video", body,
-                                  {"width": width, "height": height, "num_frames": body.num_frames, "fps": body.fps})
+        width, height = parse_size(body.size, self.config.limits)
+        return await self._render("videos", entry, "video", body, {"width": width, "height": height})
 
-    @app.post("/v1/audio/generations")
-    async def audio(self, body: AudioGenerationRequest, request: Request) -> dict:
+    @app.post("/v1/audio/generations", openapi_extra=_documented(AudioGenerationRequest))
+    async def audio(self, request: Request) -> dict:
         self._auth(request)
+        body = await self._body(request, AudioGenerationRequest)
         entry = self._entry(body.model, "audio")
-        return await self._render("audio", entry, "audio", body, {"audio_length_in_s": body.audio_length_in_s})
+        return await self._render("audio", entry, "audio", body, {})
 
-    @app.post("/v1/meshes/generations")
-    async def meshes(self, body: MeshGenerationRequest, request: Request) -> dict:
+    @app.post("/v1/meshes/generations", openapi_extra=_documented(MeshGenerationRequest))
+    async def meshes(self, request: Request) -> dict:
         self._auth(request)
+        body = await self._body(request, MeshGenerationRequest)
         entry = self._entry(body.model, "mesh")
         return await self._render("meshes", entry, "mesh", body, {})
 
@@ -286,12 +301,9 @@ class Gateway:
             raise APIError(400, "image: a file is required (multipart field 'image' or 'image[]')", param="image",
                            code="missing_input")
         fields = {k: v for k, v in form.items() if not hasattr(v, "read")}
-        try:
-            body = ImageGenerationRequest(**fields)
-        except ValidationError as e:
-            raise _invalid(e.errors()) from None
+        body = self._validated(ImageEditRequest, fields)
         entry = self._entry(body.model or self._edit_default(), "edit")
-        width, height = parse_size(body.size, self.config.limits.max_pixels)
+        width, height = parse_size(body.size, self.config.limits)
         extra: dict[str, Any] = {"width": width, "height": height}
         for name, upload in (("image", uploads[0]), ("mask", form.get("mask"))):
             if upload is None or not hasattr(upload, "read"):

@@ -8,7 +8,8 @@ import os
 import sys
 
 from pipelines.catalog import CatalogError
-from storage.manifest import Limits, ManifestError
+from storage.manifest import ManifestError
+from storage.params import Limits
 
 
 def _render_args(p: argparse.ArgumentParser) -> None:
@@ -93,7 +94,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from jobs.verify import print_verdict, verify
     from pipelines.catalog import Catalog
-    from pipelines.watermark import WatermarkConfig
+    from pipelines.media.watermark import WatermarkConfig
 
     if args.message:
         config = WatermarkConfig.from_hex(args.message, args.method or "dwtDctSvd")

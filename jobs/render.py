@@ -18,10 +18,12 @@ from cluster.batch import render_dataset
 from cluster.renderer import RendererConfig, storage_env
 from cluster.resources import plan_workers
 from cluster.runtime import connect
-from pipelines.catalog import Catalog, CatalogError, default_catalog_path
+from pipelines.catalog import Catalog, CatalogError
 from pipelines.policy import PromptPolicy
+from pipelines.tiny import default_catalog_path
 from storage.fs import is_s3, join, write_bytes
-from storage.manifest import Limits, check_ids, check_schema, open_manifest
+from storage.manifest import check_ids, check_schema, open_manifest
+from storage.params import Limits
 from storage.results import ResultsWriter, new_run_id, error_code, finished_ids, results_dir
 from jobs.progress import Progress
 

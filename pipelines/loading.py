@@ -61,7 +61,7 @@ def check_safetensors(model_dir: str | os.PathLike) -> None:
 
 
 def load_base(source: str, revision: str | None, dtype: torch.dtype) -> DiffusionPipeline:
-    """Loads a checkpoint (local dir or Hub id, safetensors only) as its own pipeline class."""
+    """Loads a checkpoint (local dir or Hub id, safetensors only) on the host, as its own pipeline class."""
     if os.path.isdir(source):
         check_safetensors(source)
     try:
@@ -87,20 +87,20 @@ def derive(base: DiffusionPipeline, pipeline_class: str | None, **components: An
     return pipe
 
 
-def load_controlnet(source: str, revision: str | None, dtype: torch.dtype, device: torch.device) -> Any:
-    """A ControlNet model for a pipeline's `controlnet` component."""
+def load_controlnet(source: str, revision: str | None, dtype: torch.dtype) -> Any:
+    """A ControlNet model for a pipeline's `controlnet` component, on the host until placed."""
     if os.path.isdir(source):
         check_safetensors(source)
     try:
-        return diffusers.ControlNetModel.from_pretrained(source, revision=revision, dtype=dtype, use_safetensors=True).to(device)
+        return diffusers.ControlNetModel.from_pretrained(source, revision=revision, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelLoadError(f"cannot load controlnet {source}: {e}") from e
 
 
-def memory_bytes(pipe: DiffusionPipeline) -> int:
-    """Bytes held by the pipeline's weights, for the per-actor model budget."""
+def memory_bytes(model: DiffusionPipeline | torch.nn.Module) -> int:
+    """Bytes held by a pipeline's (or one model's) weights, for the per-actor model budget."""
     total = 0
-    for component in pipe.components.values():
+    for component in ([model] if isinstance(model, torch.nn.Module) else model.components.values()):
         if isinstance(component, torch.nn.Module):
             total += sum(t.numel() * t.element_size() for t in component.parameters())
             total += sum(t.numel() * t.element_size() for t in component.buffers())

@@ -15,7 +15,7 @@ from PIL import Image
 from helpers import probe_video
 from jobs.render import RenderJob, run
 from storage.fs import join, write_bytes
-from storage.manifest import Limits
+from storage.params import Limits
 from storage.results import read_results
 
 pytestmark = pytest.mark.timeout(900)

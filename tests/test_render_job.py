@@ -13,7 +13,8 @@ from PIL import Image
 from helpers import write_manifest
 from jobs.render import RenderJob, run
 from storage.fs import read_bytes
-from storage.manifest import Limits, ManifestError, derive_seed
+from storage.manifest import ManifestError
+from storage.params import Limits, derive_seed
 from storage.results import read_results
 
 pytestmark = pytest.mark.timeout(300)

@@ -18,11 +18,16 @@ import trimesh
 import yaml
 from PIL import Image
 
+from cluster.api import failure_error
 from helpers import probe_video
-from pipelines.watermark import WatermarkConfig, bit_accuracy
+from storage.params import Limits
+from storage.reasons import REASONS
+from pipelines.media.watermark import WatermarkConfig, bit_accuracy
 
 pytestmark = pytest.mark.timeout(600)
 
+# The secured app serves no model and validates against tighter limits than the defaults.
+SECURE_LIMITS = Limits(max_steps=3, max_pixels=128 * 128, max_prompt_chars=50)
 SERVED = ["tiny-sd", "tiny-sdxl", "tiny-lcm", "tiny-sd-img2img", "tiny-t2v", "tiny-audioldm", "tiny-shap-e"]
 
 
@@ -68,7 +73,7 @@ def server(tmp_path_factory, tiny_catalog, ray_cluster):
     base = f"http://127.0.0.1:{port}"
     config = ServeConfig(catalog_path=catalog, store=str(folder / "store"), public_url=base, max_upload_bytes=200_000)
     secured = ServeConfig(catalog_path=catalog, store=str(folder / "store"), public_url=base + "/secure",
-                          api_keys=("sk-test-key",))
+                          api_keys=("sk-test-key",), limits=SECURE_LIMITS)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(config), name="rf", route_prefix="/")
@@ -199,9 +204,9 @@ def test_autoscaling_zero_to_two_and_back(server):
     ('{"prompt": "x", ', 400, None, "invalid_json"),
     ({"prompt": "x", "n": "many"}, 400, "n", "invalid_value"),
     ({"prompt": "x", "n": 11}, 400, "n", "invalid_value"),
-    ({"prompt": "x", "size": "100x100"}, 400, "size", "invalid_value"),
-    ({"prompt": "x", "size": "9000x9000"}, 400, "size", "invalid_value"),
-    ({"prompt": "x", "num_inference_steps": 0}, 400, "num_inference_steps", "invalid_value"),
+    ({"prompt": "x", "size": "100x100"}, 400, "size", "invalid_size"),
+    ({"prompt": "x", "size": "9000x9000"}, 400, "size", "invalid_size"),
+    ({"prompt": "x", "num_inference_steps": 0}, 400, "num_inference_steps", "invalid_steps"),
     ({"prompt": ""}, 400, "prompt", "invalid_value"),
     ({"prompt": "x", "model": "no-such-model"}, 404, "model", "model_not_found"),
     ({"prompt": "x", "model": "tiny-t2v"}, 400, "model", "unsupported_task"),
@@ -243,3 +248,65 @@ def test_auth_on_and_off(server):
     assert httpx.get(secure, headers={"Authorization": "Bearer wrong"}, timeout=30).json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(secure, headers={"Authorization": "Bearer sk-test-key"}, timeout=30).status_code == 200
     assert httpx.get(server + "/healthz", timeout=30).json() == {"status": "ok"}
+
+
+# One request per client-side reason a render can fail with, each answered by its own status and code.
+REASON_REQUESTS = [
+    ("images/generations", {"prompt": "x" * 10_001}, "invalid_prompt"),
+    ("images/generations", {"prompt": "x", "seed": -1}, "invalid_seed"),
+    ("images/generations", {"prompt": "x", "num_inference_steps": 201}, "invalid_steps"),
+    ("images/generations", {"prompt": "x", "guidance_scale": 101}, "invalid_guidance"),
+    ("images/generations", {"prompt": "x", "size": "64x65"}, "invalid_size"),
+    ("images/generations", {"prompt": "x", "output_format": "bmp"}, "invalid_output_format"),
+    ("images/generations", {"prompt": "x", "controlnet_conditioning_scale": 11}, "invalid_controlnet_scale"),
+    ("videos/generations", {"model": "tiny-t2v", "prompt": "x", "num_frames": 257}, "invalid_frames"),
+    ("videos/generations", {"model": "tiny-t2v", "prompt": "x", "fps": 0.01}, "invalid_fps"),
+    ("audio/generations", {"model": "tiny-audioldm", "prompt": "x", "audio_length_in_s": 121}, "invalid_audio_length"),
+    ("images/generations", {"prompt": "x", "model": "tiny-t2v"}, "unsupported_task"),
+    ("images/edits", {"prompt": "x", "model": "tiny-sd-img2img", "strength": "2", "file": "png"}, "invalid_strength"),
+    ("images/edits", {"prompt": "x", "model": "tiny-sd-img2img"}, "missing_input"),
+    ("images/edits", {"prompt": "x", "model": "tiny-sd-img2img", "file": b"not an image"}, "invalid_input"),
+]
+
+
+@pytest.mark.parametrize("route, payload, code", REASON_REQUESTS, ids=[c for _, _, c in REASON_REQUESTS])
+def test_each_reason_has_its_status(server, route, payload, code):
+    if route == "images/edits":
+        payload = dict(payload)
+        upload = payload.pop("file", None)
+        if upload == "png":
+            upload = io.BytesIO()
+            Image.new("RGB", (64, 64), "gray").save(upload, format="PNG")
+            upload = upload.getvalue()
+        files = {"image": ("in.png", upload, "image/png")} if upload else None
+        r = httpx.post(f"{server}/v1/{route}", data=payload, files=files, timeout=120)
+    else:
+        r = httpx.post(f"{server}/v1/{route}", json=payload, timeout=120)
+    assert r.status_code == REASONS[code].http_status == 400, r.text
+    assert r.json()["error"]["code"] == code, r.text
+
+
+def test_every_reason_maps_to_its_status():
+    for reason in REASONS.values():
+        error = failure_error(f"{reason.code}: something")
+        assert error.status == reason.http_status and error.code == reason.code
+        assert (error.type == "server_error") == (reason.http_status >= 500)
+    assert failure_error("no_such_code: x").status == 500  # unknown codes cannot be raised (RowError refuses them)
+
+
+def test_online_limits_are_the_deployments(server):
+    """The secured app validates against its own (tighter) limits; the open one against the defaults."""
+    key = {"Authorization": "Bearer sk-test-key"}
+    secure = server + "/secure/v1/images/generations"
+    for payload, code in [({"prompt": "x", "num_inference_steps": 4}, "invalid_steps"),
+                          ({"prompt": "x", "size": "256x256"}, "invalid_size"),
+                          ({"prompt": "x" * 51}, "invalid_prompt")]:
+        r = httpx.post(secure, json=payload, headers=key, timeout=60)
+        assert (r.status_code, r.json()["error"]["code"]) == (400, code), r.text
+    # Within its limits the request passes validation and meets the next check: this app serves no model.
+    r = httpx.post(secure, json={"prompt": "x", "num_inference_steps": 3, "size": "64x64"}, headers=key, timeout=60)
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "model_not_found"), r.text
+    # The open app takes 4 steps and a prompt at the shared 10,000-character cap.
+    r = httpx.post(server + "/v1/images/generations", json={"prompt": "y" * 10_000, "num_inference_steps": 4, "size": "64x64"},
+                   timeout=120)
+    assert r.status_code == 200, r.text
