@@ -10,6 +10,17 @@ import sys
 from pipelines.catalog import CatalogError
 from storage.manifest import ManifestError
 from storage.params import Limits
+from storage.results import DEFAULT_DEADLINE_S, JobStopped
+
+EXIT_RESULTS_UNAVAILABLE = JobStopped.exit_code  # results could not be recorded; the same command resumes
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that reruns this one (and so resumes it), quoted for a POSIX shell."""
+    import shlex
+
+    prog = ["renderfleet"] if os.path.basename(sys.argv[0]) == "renderfleet" else [sys.executable, "-m", "jobs.cli"]
+    return shlex.join(prog + argv)
 
 
 def _render_args(p: argparse.ArgumentParser) -> None:
@@ -26,6 +37,12 @@ def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-memory-mb", type=int, help="loaded models per actor (default: most of the device's memory)")
     p.add_argument("--results-flush-rows", type=int, default=1000, help="write a results part every N rows")
     p.add_argument("--results-flush-seconds", type=float, default=10.0, help="... or every N seconds")
+    p.add_argument("--results-deadline-seconds", type=float, default=DEFAULT_DEADLINE_S,
+                   help="how long failing results writes (S3 down, a read-only disk) are retried, rows kept, before "
+                        f"the job stops with exit status {EXIT_RESULTS_UNAVAILABLE} (default {DEFAULT_DEADLINE_S:.0f})")
+    p.add_argument("--input-root", action="append", default=[], metavar="DIR",
+                   help="a local folder rows' input assets, LoRAs and embeddings may come from, besides the manifest's "
+                        "own folder (repeatable; default: none)")
 
 
 def _job(args: argparse.Namespace, manifest: str, out: str):
@@ -45,6 +62,8 @@ def _job(args: argparse.Namespace, manifest: str, out: str):
         safety_action=args.safety_action,
         model_memory_bytes=args.model_memory_mb * 2**20 if args.model_memory_mb else None,
         results_flush_s=args.results_flush_seconds,
+        results_deadline_s=args.results_deadline_seconds,
+        input_roots=tuple(args.input_root),
     )
 
 
@@ -201,6 +220,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("RENDERFLEET_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -208,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ManifestError, CatalogError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except JobStopped as e:
+        print(e.explain(resume_command(argv)), file=sys.stderr)
+        return EXIT_RESULTS_UNAVAILABLE
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130

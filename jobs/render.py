@@ -21,10 +21,11 @@ from cluster.runtime import connect
 from pipelines.catalog import Catalog, CatalogError
 from pipelines.policy import PromptPolicy
 from pipelines.tiny import default_catalog_path
-from storage.fs import is_s3, join, write_bytes
-from storage.manifest import check_ids, check_schema, open_manifest
+from storage.fs import is_s3, join, store_errors, write_bytes
+from storage.manifest import check_files, check_ids, check_schema, open_manifest
 from storage.params import Limits
-from storage.results import ResultsWriter, new_run_id, error_code, finished_ids, results_dir
+from storage.results import (DEFAULT_DEADLINE_S, JobStopped, ResultsUnavailable, ResultsWriter, describe,
+                             error_code, finished_ids, new_run_id, remove_stray_parts, results_dir)
 from jobs.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,10 @@ class RenderJob:
     gpus_per_worker: float = 1.0
     results_flush_rows: int = 1000
     results_flush_s: float = 10.0
+    results_deadline_s: float = DEFAULT_DEADLINE_S  # how long failing results writes are retried before stopping
     model_memory_bytes: int | None = None
     safety_action: str | None = None  # block | blur | flag; default: the catalog's safety.action
+    input_roots: tuple[str, ...] = ()  # local folders inputs may come from besides the manifest's own
 
 
 @dataclass
@@ -106,7 +109,8 @@ def resolve_catalog(path: str | None, stream: TextIO = sys.stderr) -> str:
 
 
 def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
-    """Runs the job to completion; raises ManifestError before rendering when the manifest is unusable."""
+    """Runs the job to completion; raises ManifestError before rendering when the manifest is unusable, and
+    JobStopped (after stopping the actors) when results cannot be written for `results_deadline_s`."""
     # Actors may run elsewhere, in another working directory: local paths go absolute.
     manifest, out = (m if is_s3(m) else os.path.abspath(m) for m in (job.manifest, job.out))
     catalog_path = os.path.abspath(resolve_catalog(job.catalog, stream))
@@ -118,8 +122,10 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
             raise CatalogError(f"{catalog_path}: safety.prompt_policy: {e}") from None
     dataset = open_manifest(manifest)
     check_schema(dataset.schema)
+    check_files(dataset)
     ids = dataset.to_table(columns=["id"])["id"]
     check_ids(ids)
+    remove_stray_parts(out, started=time.time())  # temporaries of a killed earlier run; a live writer's are newer
     finished = finished_ids(out)
     skipped = (pc.sum(pc.is_in(ids, value_set=finished)).as_py() or 0) if len(finished) else 0
     pending = len(ids) - skipped
@@ -138,6 +144,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
             torch_threads=job.torch_threads or plan.torch_threads,
             env=storage_env(),
             input_base=manifest_folder(manifest),
+            input_roots=tuple(os.path.abspath(r) for r in job.input_roots),
             memory_budget_bytes=job.model_memory_bytes,
             job_id=writer_run_id,
             safety_action=job.safety_action,
@@ -146,19 +153,37 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
             f"[renderfleet] rendering {pending} rows ({skipped} already done) on {plan.workers} workers "
             f"(cpu={plan.num_cpus}, gpu={plan.num_gpus}, torch threads={config.torch_threads})\n"
         )
-        writer = ResultsWriter(out, run_id=writer_run_id, flush_rows=job.results_flush_rows, flush_s=job.results_flush_s)
+        writer = ResultsWriter(out, run_id=writer_run_id, flush_rows=job.results_flush_rows,
+                               flush_s=job.results_flush_s, deadline_s=job.results_deadline_s)
         progress = Progress(pending, stream, started=started)
+        batches = None
         try:
             ds = render_dataset(manifest, finished, config, plan, job.batch_size)
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                writer.add(batch)
+            batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+            for batch in batches:
                 statuses = batch["status"].to_pylist()
                 counts.update(statuses)
                 failures.update(error_code(e) for s, e in zip(statuses, batch["error"].to_pylist()) if s == "failed")
                 model_loads += pc.sum(batch["model_loads"]).as_py() or 0
                 progress.update(statuses)
-        finally:
+                writer.add(batch)  # retries a failing store without waiting; raises past the deadline
             writer.flush()
+        except ResultsUnavailable as e:
+            raise JobStopped(out, e, earlier=skipped, outputs=counts.get("ok", 0), rendered=sum(counts.values()),
+                             pending=pending) from None
+        except BaseException:
+            # Another failure (a Ray error, Ctrl-C): record what we can, once, never raising over it.
+            try:
+                saved = writer.try_flush()
+            except Exception:  # noqa: BLE001 - the failure that brought us here is the one to report
+                log.exception("cannot record the last results")
+                saved = False
+            if not saved:
+                log.warning("%d rendered rows could not be recorded; they are rendered again on resume",
+                            writer.buffered)
+            raise
+        finally:
+            close_batches(batches)
             progress.close()
     report = JobReport(
         total=len(ids),
@@ -176,6 +201,17 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
     return report
 
 
+def close_batches(batches: object) -> None:
+    """Stops the actor pool now rather than whenever the iterator is collected; never raises over the job's error."""
+    close = getattr(batches, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception as e:  # noqa: BLE001
+        log.warning("stopping the render actors: %s", describe(e))
+
+
 def record_run(out: str, run_id: str, report: JobReport, workers: int) -> None:
     """Keeps each run's figures beside its results, for reports and benchmarks."""
     summary = {
@@ -184,4 +220,7 @@ def record_run(out: str, run_id: str, report: JobReport, workers: int) -> None:
         "rows_per_s": report.rendered_per_s, "steady_rows_per_s": report.steady_per_s,
         "model_loads": report.model_loads, "workers": workers,
     }
-    write_bytes(join(out, "runs", f"{run_id}.json"), json.dumps(summary, indent=1).encode())
+    try:
+        write_bytes(join(out, "runs", f"{run_id}.json"), json.dumps(summary, indent=1).encode())
+    except store_errors() as e:  # every result is recorded already; the summary only feeds reports
+        log.warning("cannot record the run summary under %s: %s", join(out, "runs"), describe(e))

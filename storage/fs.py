@@ -14,8 +14,12 @@ import errno
 import functools
 import os
 import posixpath
+import random
+import re
 import stat
+import time
 import uuid
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -155,6 +159,14 @@ def _require_key(uri: str) -> tuple[str, str]:
 # ---------------------------------------------------------------- file helpers
 
 
+def _temp_name(name: str) -> str:
+    """The hidden temporary a local write_bytes goes through: ``.NAME.<32 hex>.tmp`` (see stray_temp_files)."""
+    return f".{name}.{uuid.uuid4().hex}.tmp"
+
+
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{32}\.tmp$")
+
+
 def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:
     """Writes a whole file/object; readers never see a partial file."""
     if is_s3(uri):
@@ -165,7 +177,7 @@ def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:
     path = os.path.abspath(uri)
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    tmp = os.path.join(directory, _temp_name(os.path.basename(path)))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, like open()
     try:
         with os.fdopen(fd, "wb") as f:
@@ -300,3 +312,77 @@ def delete(uri: str) -> None:
         os.remove(os.path.abspath(uri))
     except FileNotFoundError:
         pass
+
+
+# ------------------------------------------------------- retries and leftovers
+
+
+def store_errors() -> tuple[type[BaseException], ...]:
+    """What a failing store raises on a write (disk, permissions, network, S3 errors): worth retrying.
+
+    Anything else (a bad URI, a bug) is not a store failure and is not retried.
+    """
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # local-only installs
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with jitter: attempt n waits first_s * 2**n (capped), times a random 0.5..1,
+    so writers that failed together do not retry together."""
+
+    first_s: float = 0.5
+    cap_s: float = 30.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (0-based)."""
+        return min(self.cap_s, self.first_s * 2.0 ** min(attempt, 62)) * self.rng.uniform(0.5, 1.0)
+
+
+def write_retrying(uri: str, data: bytes, content_type: str | None = None, deadline_s: float = 120.0,
+                   backoff: Backoff | None = None) -> None:
+    """write_bytes, retried with backoff on store errors for up to ``deadline_s`` (then the last error):
+    an output is not lost to an outage shorter than that."""
+    backoff = backoff or Backoff()
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            return write_bytes(uri, data, content_type=content_type)
+        except store_errors():
+            wait = backoff.delay(attempt)
+            if time.monotonic() - started + wait > deadline_s:
+                raise
+            time.sleep(wait)
+            attempt += 1
+
+
+def stray_temp_files(directory: str, older_than: float, prefix: str = "") -> list[str]:
+    """Temporaries of local write_bytes calls that a killed writer left in ``directory`` (not recursive):
+    named ``.PREFIX….<32 hex>.tmp`` and last modified before ``older_than`` (epoch seconds).
+
+    S3 writes are single PUTs and leave nothing, so an s3:// directory has none.
+    """
+    if is_s3(directory):
+        return []
+    root = os.path.abspath(directory)
+    try:
+        entries = list(os.scandir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    stray = []
+    for entry in entries:
+        match = _TEMP_RE.match(entry.name)
+        if not match or not match.group("name").startswith(prefix):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_mtime < older_than:
+            stray.append(entry.path)
+    return sorted(stray)

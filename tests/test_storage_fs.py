@@ -215,3 +215,23 @@ def test_only_regular_local_files_are_read(tmp_path):
         fs.read_bytes(str(fifo))
     with pytest.raises(ValueError, match="not a regular file"):
         fs.read_bytes(str(tmp_path))
+
+
+def test_write_retrying_outlasts_a_short_outage(tmp_path):
+    """A folder replaced by a file blocks writes even as root; restored 1 s later, the write goes through."""
+    import shutil
+    import threading
+
+    folder = tmp_path / "out"
+    folder.write_bytes(b"in the way")
+    restore = threading.Timer(1.0, lambda: (folder.unlink(), folder.mkdir()))
+    restore.start()
+    try:
+        fs.write_retrying(str(folder / "x.bin"), b"data", deadline_s=30, backoff=fs.Backoff(first_s=0.2, cap_s=0.5))
+    finally:
+        restore.join()
+    assert (folder / "x.bin").read_bytes() == b"data"
+    shutil.rmtree(folder)
+    folder.write_bytes(b"in the way")
+    with pytest.raises(OSError):
+        fs.write_retrying(str(folder / "x.bin"), b"data", deadline_s=0.5, backoff=fs.Backoff(first_s=0.2, cap_s=0.2))
