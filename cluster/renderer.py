@@ -25,7 +25,7 @@ from pipelines.finishing import Finisher
 from pipelines.loading import pick_device, quiet_hf_progress
 from pipelines.media.provenance import provenance_record
 from pipelines.tasks import render_group
-from storage.fs import join, write_bytes
+from storage.fs import join, write_retrying
 from storage.keys import output_key
 from storage.manifest import MANIFEST_COLUMNS
 from storage.params import BY_NAME, ROW_DEFAULTS, Limits, derive_seed
@@ -47,6 +47,8 @@ class RendererConfig:
     model_cache_dir: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     input_base: str | None = None  # relative input URIs are relative to this (the manifest's folder)
+    input_roots: tuple[str, ...] = ()  # other local folders inputs may come from (--input-root, online uploads)
+    write_deadline_s: float = 120.0  # how long a failing output write is retried before its row fails
     memory_budget_bytes: int | None = None  # loaded pipelines per actor; default from the device
     job_id: str = ""
     safety_action: str | None = None  # overrides the catalog's safety.action for this job
@@ -103,7 +105,7 @@ class Renderer:
         safety = self.catalog.safety
         checker = self.pool.local(self.catalog.get(safety.checker).source) if safety.checker else None
         self.finisher = Finisher(safety, checker, device=self.device, action=config.safety_action)
-        self.rows = RowChecker(self.catalog, config.limits, self.finisher, self.pool, config.input_base)
+        self.rows = RowChecker(self.catalog, config.limits, self.finisher, self.pool, config.input_base, config.input_roots)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         loads_before = self.pool.loads
@@ -197,7 +199,7 @@ class Renderer:
                 return self._result(row, status="filtered", job=job, filter_reason="nsfw_output", nsfw=True,
                                     safety_action="block", render_s=render_s)
             uri = join(self.config.out, output_key(p.task, p.id, done.ext))
-            write_bytes(uri, done.data, content_type=done.content_type)
+            write_retrying(uri, done.data, content_type=done.content_type, deadline_s=self.config.write_deadline_s)
         except Exception as e:  # noqa: BLE001
             log.exception("cannot finish or write row %r", p.id)
             return self._result(row, status="failed", error=f"write_error: {type(e).__name__}: {e}", job=job)

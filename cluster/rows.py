@@ -18,7 +18,7 @@ from pipelines.adapters import Embedding, Lora
 from pipelines.catalog import Catalog, ModelEntry, UnknownModel
 from pipelines.finishing import Finisher
 from pipelines.inputs import InputError, decode_image, edit_size
-from pipelines.loading import default_size
+from pipelines.loading import ModelLoadError, check_safetensors, default_size
 from pipelines.media.formats import TASK_FORMATS
 from pipelines.tasks import Request, call_parameters, takes_prompt
 from storage.fs import is_s3, join, read_bytes
@@ -68,12 +68,15 @@ class Job:
 class RowChecker:
     """Turns rows into jobs for one catalog, limits and input folder."""
 
-    def __init__(self, catalog: Catalog, limits: Limits, finisher: Finisher, pool: ModelPool, input_base: str | None):
+    def __init__(self, catalog: Catalog, limits: Limits, finisher: Finisher, pool: ModelPool, input_base: str | None,
+                 input_roots: tuple[str, ...] = ()):
         self.catalog = catalog
         self.limits = limits
         self.finisher = finisher
         self.pool = pool
         self.input_base = input_base
+        # Local inputs may come only from under these folders, symlinks resolved.
+        self.roots = [os.path.realpath(r) for r in (input_base, *input_roots) if r and not is_s3(r)]
 
     def check(self, index: int, row: dict[str, Any]) -> Checked:
         try:
@@ -144,32 +147,47 @@ class RowChecker:
         for ref, scale in params.loras:
             entry = self._adapter_entry(ref, "lora")
             name = entry.name if entry else "lora-" + id_hash(ref)[:12]
-            loras.append(Lora(name, self.pool.local(entry.source) if entry else self._adapter_path(ref), scale))
+            loras.append(Lora(name, self.pool.local(entry.source) if entry else self._adapter_path(ref, "loras"), scale))
         embeddings = []
         for ref in params.embeddings:
             entry = self._adapter_entry(ref, "embedding")
             name = entry.name if entry else "emb-" + id_hash(ref)[:12]
-            embeddings.append(Embedding(name, self.pool.local(entry.source) if entry else self._adapter_path(ref),
+            embeddings.append(Embedding(name, self.pool.local(entry.source) if entry else self._adapter_path(ref, "embeddings"),
                                         entry.token if entry else None))
         return loras, embeddings
 
     # -- inputs ------------------------------------------------------------------------------
 
-    def _resolve_uri(self, uri: str) -> str:
-        if is_s3(uri) or os.path.isabs(uri) or not self.input_base:
+    def _resolve_uri(self, uri: str, column: str) -> str:
+        """The input's location: s3:// as given; local paths resolved (symlinks too) and kept under the roots."""
+        if is_s3(uri):
             return uri
-        return join(self.input_base, uri)
+        if not os.path.isabs(uri) and self.input_base:
+            try:
+                uri = join(self.input_base, uri)
+            except ValueError:  # '..' parts
+                raise RowError("input_not_allowed", f"{column} {uri!r} climbs out of the manifest's folder") from None
+            if is_s3(uri):  # relative to a manifest on S3
+                return uri
+        real = os.path.realpath(uri)
+        if not any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in self.roots):
+            raise RowError("input_not_allowed", f"{column} {uri!r} is outside the folders inputs may come from "
+                                                "(the manifest's folder and --input-root)")
+        return real
 
     def _input_image(self, uri: str, column: str, mode: str = "RGB") -> Image.Image:
+        path = self._resolve_uri(uri, column)
         try:
-            data = read_bytes(self._resolve_uri(uri), max_bytes=self.limits.max_input_bytes)
+            data = read_bytes(path, max_bytes=self.limits.max_input_bytes)
             return decode_image(data, max_pixels=self.limits.max_input_pixels, mode=mode, name=f"{column} {uri}")
         except FileNotFoundError:
             raise RowError("missing_input", f"{column} {uri} does not exist") from None
         except InputError as e:
             raise RowError("invalid_input", str(e)) from None
-        except ValueError as e:  # over the byte limit
+        except ValueError as e:  # over the byte limit, not a regular file, a malformed URI
             raise RowError("invalid_input", f"{column}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the store failed (after its own retries), not the row
+            raise RowError("input_unavailable", f"{column} {uri}: {type(e).__name__}: {e}") from None
 
     def _adapter_entry(self, ref: str, kind: str) -> ModelEntry | None:
         try:
@@ -177,13 +195,19 @@ class RowChecker:
         except UnknownModel as e:
             raise RowError(f"invalid_{kind}", e.message) from None
 
-    def _adapter_path(self, uri: str) -> str:
-        uri = self._resolve_uri(uri)
-        if is_s3(uri):
-            return self.pool.local(uri)
-        if not os.path.exists(uri):
+    def _adapter_path(self, uri: str, column: str) -> str:
+        """A LoRA or embedding file or folder, local or fetched, holding safetensors weights only."""
+        path = self.pool.local(uri) if is_s3(uri) else self._resolve_uri(uri, column)
+        if not os.path.exists(path):
             raise FileNotFoundError(uri)
-        return uri
+        try:
+            if os.path.isdir(path):
+                check_safetensors(path)
+            elif not path.endswith(".safetensors"):
+                raise ModelLoadError(f"{uri} is not a .safetensors file; renderfleet loads safetensors only")
+        except ModelLoadError as e:
+            raise RowError(f"invalid_{column.rstrip('s')}", str(e)) from None
+        return path
 
 
 def _resized(image: Image.Image | None, size: tuple[int, int] | None) -> Image.Image | None:

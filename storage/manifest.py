@@ -99,6 +99,30 @@ def check_schema(schema: pa.Schema) -> None:
         raise ManifestError("manifest schema: " + "; ".join(problems))
 
 
+def check_files(dataset: pads.Dataset) -> None:
+    """Checks every file of a directory manifest, not just the first, and that they agree on column types."""
+    seen: dict[str, tuple[pa.DataType, str]] = {}
+    problems = []
+    for fragment in dataset.get_fragments():
+        schema = fragment.physical_schema
+        try:
+            check_schema(schema)
+        except ManifestError as e:
+            problems.append(f"{fragment.path}: {str(e).removeprefix('manifest schema: ')}")
+        for f in schema:
+            first = seen.setdefault(f.name, (f.type, fragment.path))
+            if not _same_kind(first[0], f.type):
+                problems.append(f"column '{f.name}' is {first[0]} in {first[1]} but {f.type} in {fragment.path}")
+    if problems:
+        shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ManifestError("manifest schema: " + shown)
+
+
+def _same_kind(a: pa.DataType, b: pa.DataType) -> bool:
+    """Types that read together: equal, or both integers, or both floating point, or both strings."""
+    return a == b or any(kind(a) and kind(b) for kind in (pa.types.is_integer, pa.types.is_floating, _is_string))
+
+
 def check_ids(ids: pa.ChunkedArray | pa.Array) -> None:
     """Raises ManifestError on null, empty or duplicate ids, listing the duplicates."""
     if ids.null_count:

@@ -173,6 +173,10 @@ def resolve_row(row: dict[str, Any], defaults: dict[str, Any], limits: Limits, t
         fmt = "jpeg"
     if fmt not in formats:
         raise RowError("invalid_output_format", f"output_format={fmt!r} for task {task}; expected one of {', '.join(formats)}")
+    steps, strength = values["num_inference_steps"], values["strength"]
+    if task == "edit" and steps is not None and strength is not None and int(steps * strength) < 1:
+        raise RowError("invalid_strength", f"strength={strength} x num_inference_steps={steps} leaves no denoising step; "
+                                           "raise either so that their product is at least 1")
     if task == "edit" and not row.get("image_uri"):
         raise RowError("missing_input", "edit rows need an image_uri")
     if row.get("mask_uri") and not row.get("image_uri"):

@@ -29,6 +29,8 @@ _ALL = (
     Reason("missing_prompt", 400, "the model needs a prompt and the row has none"),
     Reason("missing_input", 400, "an input asset the row needs is absent or does not exist"),
     Reason("invalid_input", 400, "an input asset is unreadable, not an image, or over a limit"),
+    Reason("input_unavailable", 503, "an input asset's store did not answer (retried); a rerun retries the row"),
+    Reason("input_not_allowed", 400, "a local input lies outside the manifest's folder and the --input-root folders"),
     Reason("invalid_prompt", 400, "the prompt is over the length limit"),
     Reason("invalid_seed", 400, "seed outside 0..2**63-1"),
     Reason("invalid_steps", 400, "num_inference_steps outside its bounds"),

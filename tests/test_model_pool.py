@@ -58,7 +58,8 @@ def test_entries_over_one_checkpoint_share_it(tiny_catalog):
 
 
 def test_a_block_of_invalid_rows_loads_no_model(tiny_catalog, tmp_path):
-    renderer = Renderer(RendererConfig(catalog_path=tiny_catalog, out=str(tmp_path / "out"), torch_threads=1))
+    renderer = Renderer(RendererConfig(catalog_path=tiny_catalog, out=str(tmp_path / "out"), torch_threads=1,
+                                       input_base=str(tmp_path)))
     bad = [
         {"id": "steps", "prompt": "p", "num_inference_steps": 0},
         {"id": "size", "prompt": "p", "width": 65},
