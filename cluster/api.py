@@ -7,14 +7,18 @@ and fail with the same reason codes.
 
 from __future__ import annotations
 
+import copy
+import os
 import re
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 from pydantic_core import PydanticCustomError
+from starlette.requests import Request
 
 from pipelines.media.formats import TASK_FORMATS
 from storage.params import BY_NAME, PARAMETERS, Limits, check_size
+from storage.fs import is_s3
 from storage.reasons import REASONS, RowError, reason_of
 
 
@@ -31,6 +35,106 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error this API sends, whatever its status: OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+class OutputItem(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class GenerationResponse(BaseModel):
+    """What every generation route answers: OpenAI's images response shape."""
+
+    created: int
+    data: list[OutputItem]
+
+
+# What the OpenAPI document says every route may answer: 400 and any other error, all in the error shape.
+_ERROR = {"model": ErrorResponse}
+ERROR_RESPONSES: dict[int | str, dict] = {
+    400: {**_ERROR, "description": "The request is invalid: `param` names the field"},
+    "default": {**_ERROR, "description": "Any other error (401, 403, 404, 405, 413, 500, 503)"},
+}
+# Generation routes answer OpenAI's shape; a 503 (with Retry-After) when the model cannot take the request now.
+GENERATION_ROUTE: dict[str, Any] = {"response_model": GenerationResponse, "response_model_exclude_none": True,
+                                    "responses": {503: {**_ERROR, "description": "The model is at capacity or unavailable"}}}
+
+
+def documented(model: type[BaseModel]) -> dict:
+    """A JSON request body's schema for the OpenAPI document (routes parse bodies themselves, with limits)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+def documented_form(model: type[BaseModel]) -> dict:
+    """A multipart body: the model's fields plus the image (required) and mask files."""
+    schema = model.model_json_schema()
+    files = {"image": {"type": "string", "format": "binary"}, "mask": {"type": "string", "format": "binary"}}
+    schema = {**schema, "properties": {**schema["properties"], **files}, "required": [*schema.get("required", ()), "image"]}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+MAX_JSON_BYTES = 1024 * 1024  # a JSON request body; prompts are capped far below this by Limits
+
+
+def form_limit(max_upload_bytes: int) -> int:
+    """A multipart body's limit: an image and a mask of `max_upload_bytes` each, plus 1 MiB of fields."""
+    return 2 * max_upload_bytes + 1024 * 1024
+
+
+def refuse_declared(request: Request, limit: int, what: str) -> None:
+    """A 413 before reading, when the declared body length is over `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is over the {limit}-byte limit for {what}", code="request_too_large")
+
+
+async def body_bytes(request: Request, limit: int = MAX_JSON_BYTES) -> bytes:
+    """A JSON request's body, refused with a 413 once it passes `limit` bytes (declared or streamed)."""
+    refuse_declared(request, limit, "a JSON request")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body is over the {limit}-byte limit for a JSON request", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+_PATH = re.compile(r"s3://[^\s'\"]+|(?<![\w:/.~-])/(?:[\w.~-]+/)*[\w.~-]+")
+
+
+def public_message(message: str, uploads: dict[str, str] | None = None) -> str:
+    """An error message fit for clients: uploads (uri -> form field) named by their field, other paths elided."""
+    for uri, name in (uploads or {}).items():
+        for spelling in sorted({uri} if is_s3(uri) else {uri, os.path.realpath(uri)}, key=len, reverse=True):
+            message = re.sub(rf"(?:{name}_uri:? )?'?{re.escape(spelling)}'?", name, message)
+    return _PATH.sub("<path>", message)
+
+
+# HTTP errors raised outside our routes (unknown route, wrong method, unparseable multipart), by status.
+_HTTP_CODES = {400: "invalid_request", 401: "invalid_api_key", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
+
+
+def http_error(status: int, detail: Any) -> APIError:
+    """A framework HTTP error (Starlette's HTTPException) in our error shape."""
+    message = detail if isinstance(detail, str) and detail else f"HTTP {status}"
+    return APIError(status, message, type_="invalid_request_error" if status < 500 else "server_error",
+                    code=_HTTP_CODES.get(status, "server_error" if status >= 500 else "invalid_request"))
+
+
 def failure_error(error: str) -> APIError:
     """A failed row's `code: message` as the HTTP error its reason calls for."""
     reason = reason_of(error)
@@ -41,9 +145,10 @@ def failure_error(error: str) -> APIError:
 def invalid(errors: list[dict]) -> APIError:
     """The first validation error as a 400 naming the field, with our reason code where one applies."""
     first = errors[0] if errors else {}
-    loc = [str(x) for x in first.get("loc", ()) if x not in ("body",)]
-    param = ".".join(loc) or None
     kind = first.get("type")
+    # The request field: the first name in the location (never a JSON character offset or a list index).
+    names = [x for x in first.get("loc", ()) if isinstance(x, str) and x != "body"]
+    param = names[0] if names and kind != "json_invalid" else None
     code = kind if kind in REASONS else "invalid_json" if kind == "json_invalid" else "invalid_value"
     return APIError(400, f"{param or 'request'}: {first.get('msg', 'invalid request')}", param=param, code=code)
 
@@ -94,8 +199,11 @@ class GenerationRequest(BaseModel):
         try:
             if name in ("prompt", "negative_prompt") and value is not None and len(value) > limits.max_prompt_chars:
                 raise RowError("invalid_prompt", f"{len(value)} characters, limit {limits.max_prompt_chars}")
-            if name == "seed" and value is not None and not 0 <= value < 2**63:
-                raise RowError("invalid_seed", f"seed={value} must be in 0..2**63-1")
+            if name == "seed" and value is not None:
+                # Image i renders with seed + i, so the last of n seeds must fit too (n is validated first).
+                n = info.data.get("n", 1)
+                if not 0 <= value <= 2**63 - n:
+                    raise RowError("invalid_seed", f"seed={value} with n={n} must be in 0..2**63-{n} (image i uses seed+i)")
             if name == "size":
                 parse_size(value, limits)
             if name == "output_format" and value not in TASK_FORMATS[cls.task]:
@@ -110,7 +218,7 @@ class GenerationRequest(BaseModel):
 class SizedRequest(GenerationRequest):
     """Requests with an OpenAI-style "WxH" size."""
 
-    size: str | None = "auto"
+    size: str | None = Field("auto", json_schema_extra={"pattern": r"^(\d{1,5}x\d{1,5}|auto)$", "examples": ["512x512", "auto"]})
 
 
 def _request_model(name: str, task: str, base: type[GenerationRequest]) -> type[GenerationRequest]:
@@ -137,3 +245,22 @@ def row_values(body: GenerationRequest) -> dict[str, Any]:
     """The request's tabled parameters, as manifest-row columns."""
     values = body.model_dump()
     return {p.name: values[p.name] for p in PARAMETERS if p.name in values}
+
+
+def bounded_openapi(openapi: dict, limits: Limits) -> dict:
+    """The OpenAPI document with a deployment's own bounds on request fields (the models check them, with
+    reason codes; the document only says what they are)."""
+    bounds = {p.name: p.bounds(limits) for p in PARAMETERS} | {"seed": (0, 2**63 - 1)}
+    doc = copy.deepcopy(openapi)
+    for operations in doc["paths"].values():
+        for operation in operations.values():
+            for content in operation.get("requestBody", {}).get("content", {}).values():
+                for name, prop in content["schema"].get("properties", {}).items():
+                    low, high = bounds.get(name, (None, None))
+                    for branch in prop.get("anyOf", [prop]):
+                        kind = branch.get("type")
+                        if low is not None and kind in ("integer", "number", "array"):
+                            (branch["items"] if kind == "array" else branch).update(minimum=low, maximum=high)
+                        if name in ("prompt", "negative_prompt") and kind == "string":
+                            branch["maxLength"] = limits.max_prompt_chars
+    return doc

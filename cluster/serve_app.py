@@ -1,17 +1,16 @@
 """The online endpoint: the batch job's Renderer behind an OpenAI-compatible API on Ray Serve.
 
-One deployment per catalog pipeline (each with its own autoscaling, batching and backpressure
-from the catalog's `serve` settings) behind one FastAPI ingress. Requests that share size,
-steps and guidance inside a batch run in one pipeline call, exactly as in batch jobs, because
-the replica hands the whole batch to `Renderer.render_rows`.
+One deployment per catalog pipeline (`cluster/model_server.py`: each with its own autoscaling,
+batching and backpressure from the catalog's `serve` settings) behind one FastAPI ingress, the
+Gateway here. Requests that share size, steps and guidance inside a batch run in one pipeline
+call, exactly as in batch jobs, because the replica hands the whole batch to `Renderer.render_rows`.
+The gateway admits as many requests as the models can hold; what they cannot take gets a 503 at once.
 """
 
 
 import asyncio
 import base64
-import hashlib
 import hmac
-import json
 import logging
 import secrets
 import time
@@ -24,9 +23,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.serve.config import BackpressureConfig
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.api import (
+    ERROR_RESPONSES,
+    GENERATION_ROUTE,
     APIError,
     AudioGenerationRequest,
     GenerationRequest,
@@ -34,18 +36,28 @@ from cluster.api import (
     ImageGenerationRequest,
     MeshGenerationRequest,
     VideoGenerationRequest,
-    failure_error,
+    body_bytes,
+    bounded_openapi,
+    documented,
+    documented_form,
+    form_limit,
+    http_error,
     invalid,
     parse_size,
+    refuse_declared,
     row_values,
 )
-from cluster.renderer import Renderer, RendererConfig
+from cluster.links import make_token, read_token
+from cluster.model_server import RETRY_AFTER_S, ModelServer, call_error, render_all
+from cluster.renderer import RendererConfig
 from pipelines.catalog import Catalog, ModelEntry
-from pipelines.media.formats import format_for_path
-from storage.fs import is_s3, join, read_bytes, s3_client, split_s3, write_bytes
+from pipelines.media.formats import FORMATS, format_for_path
+from storage.fs import delete, is_s3, join, read_bytes, s3_client, split_s3, write_bytes
 from storage.params import Limits
 
 log = logging.getLogger(__name__)
+
+GATEWAY_HEADROOM = 16  # gateway slots beyond the models' capacity: health, metrics, links, requests refused early
 
 
 @dataclass(frozen=True)
@@ -65,43 +77,6 @@ class ServeConfig:
     env: dict[str, str] = field(default_factory=dict)
 
 
-@serve.deployment
-class ModelServer:
-    """One catalog model: a Renderer, fed by Serve's dynamic batching."""
-
-    def __init__(self, config: RendererConfig, max_batch_size: int, batch_wait_timeout_s: float):
-        self.renderer = Renderer(config)
-        self.render.set_max_batch_size(max_batch_size)
-        self.render.set_batch_wait_timeout_s(batch_wait_timeout_s)
-
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def render(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        started = time.perf_counter()
-        results = await asyncio.to_thread(self.renderer.render_rows, rows)
-        elapsed = time.perf_counter() - started
-        return [dict(r, batch_size=len(rows), batch_s=elapsed) for r in results]
-
-
-def _sign(secret: str, payload: str) -> str:
-    return hmac.new(secret.encode(), payload.encode(), hashlib.sha256).hexdigest()
-
-
-def make_token(config: ServeConfig, uri: str, now: float | None = None) -> str:
-    """An expiring, signed reference to one stored output, for `url` responses from a local store."""
-    payload = base64.urlsafe_b64encode(json.dumps({"u": uri, "e": int((now or time.time()) + config.url_ttl_s)}).encode()).decode()
-    return f"{payload}.{_sign(config.url_secret, payload)}"
-
-
-def read_token(config: ServeConfig, token: str) -> str:
-    payload, _, signature = token.partition(".")
-    if not hmac.compare_digest(_sign(config.url_secret, payload), signature):
-        raise APIError(403, "invalid link", code="invalid_token")
-    data = json.loads(base64.urlsafe_b64decode(payload.encode()))
-    if data["e"] < time.time():
-        raise APIError(403, "link expired", code="expired_token")
-    return data["u"]
-
-
 def _metrics():
     """Our Prometheus metrics, one registry per gateway replica."""
     from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -117,7 +92,8 @@ def _metrics():
     }
 
 
-app = FastAPI(title="renderfleet", docs_url=None, redoc_url=None)
+app = FastAPI(title="renderfleet", docs_url=None, redoc_url=None, openapi_url=None,  # /openapi.json is a keyed route
+              responses=ERROR_RESPONSES)
 
 
 @app.exception_handler(APIError)
@@ -130,14 +106,27 @@ async def _validation_error(_: Request, e: RequestValidationError) -> JSONRespon
     return JSONResponse(invalid(e.errors()).body(), status_code=400)
 
 
-def _documented(model: type[GenerationRequest]) -> dict:
-    """The request body's schema for the OpenAPI document (routes parse bodies themselves, with limits)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes, wrong methods and unparseable multipart bodies, in our error shape."""
+    error = http_error(e.status_code, e.detail)
+    return JSONResponse(error.body(), status_code=error.status, headers=e.headers)
 
 
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+    log.exception("unexpected error")
+    error = APIError(500, f"internal error ({type(e).__name__})", type_="server_error", code="internal_error")
+    return JSONResponse(error.body(), status_code=500)
+
+
+# Serve pickles the class when it is decorated: everything it uses must be defined (or imported) above.
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Gateway:
+    """The one HTTP entry point: keys, validation at the boundary, a request's rows fanned out to its model,
+    OpenAI-shaped answers and errors."""
+
     def __init__(self, config: ServeConfig, models: dict[str, Any]):
         self.config = config
         self.catalog = Catalog.load(config.catalog_path)
@@ -151,7 +140,7 @@ class Gateway:
             return
         header = request.headers.get("authorization", "")
         key = header[7:] if header.lower().startswith("bearer ") else ""
-        if not any(hmac.compare_digest(key.encode(), k.encode()) for k in self.config.api_keys):
+        if not any(hmac.compare_digest(key.encode("utf-8", "replace"), k.encode()) for k in self.config.api_keys):
             raise APIError(401, "missing or invalid API key (Authorization: Bearer ...)", type_="authentication_error",
                            code="invalid_api_key")
 
@@ -170,7 +159,7 @@ class Gateway:
 
     async def _body(self, request: Request, model: type[GenerationRequest]) -> Any:
         """The JSON body validated once, against this deployment's limits."""
-        raw = await request.body()
+        raw = await body_bytes(request)
         try:
             return model.model_validate_json(raw or b"{}", context={"limits": self.config.limits})
         except ValidationError as e:
@@ -191,7 +180,8 @@ class Gateway:
                 return entry.name
         raise APIError(404, f"no model served here renders {task}", param="model", code="model_not_found")
 
-    async def _render(self, route: str, entry: ModelEntry, task: str, body: Any, extra: dict[str, Any]) -> dict:
+    async def _render(self, route: str, entry: ModelEntry, task: str, body: Any, extra: dict[str, Any],
+                      uploads: dict[str, str] | None = None) -> dict:
         rows = []
         request_id = uuid.uuid4().hex
         for i in range(body.n):
@@ -201,25 +191,17 @@ class Gateway:
                 row["seed"] = body.seed + i
             rows.append(row)
         handle = self.models[entry.name]
-        try:
-            results = await asyncio.gather(*[handle.render.remote(r) for r in rows])
-        except BackPressureError:
-            self.metrics["requests"].labels(entry.name, route, "503").inc()
-            raise APIError(503, f"model {entry.name!r} is at capacity; retry shortly", type_="server_error",
-                           code="overloaded", headers={"Retry-After": "1"}) from None
+        results, failure = await render_all([handle.render.remote(r) for r in rows])
+        if failure is not None:
+            if isinstance(failure, dict) and failure["status"] == "filtered":
+                self.metrics["filtered"].labels(entry.name, (failure.get("filter_reason") or "").split(":")[0]).inc()
+            error = call_error(entry.name, failure, uploads)
+            self.metrics["requests"].labels(entry.name, route, str(error.status)).inc()
+            raise error
         self.metrics["batch"].labels(entry.name).observe(max(r.get("batch_size", 1) for r in results))
         self.metrics["render_s"].labels(entry.name).observe(max(r.get("batch_s", 0.0) for r in results))
         data = []
         for r in results:
-            if r["status"] == "filtered":
-                self.metrics["filtered"].labels(entry.name, (r.get("filter_reason") or "").split(":")[0]).inc()
-                self.metrics["requests"].labels(entry.name, route, "400").inc()
-                raise APIError(400, f"request blocked by the content policy: {r['filter_reason']}",
-                               code="content_policy_violation")
-            if r["status"] != "ok":
-                error = failure_error(r.get("error") or "internal_error: render failed")
-                self.metrics["requests"].labels(entry.name, route, str(error.status)).inc()
-                raise error
             self.metrics["outputs"].labels(entry.name, task).inc()
             data.append(self._item(r, body.response_format, body.prompt))
         self.metrics["requests"].labels(entry.name, route, "200").inc()
@@ -234,7 +216,7 @@ class Gateway:
             url = s3_client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
                                                      ExpiresIn=self.config.url_ttl_s)
         else:
-            url = f"{self.config.public_url.rstrip('/')}/v1/files/{make_token(self.config, uri)}"
+            url = f"{self.config.public_url.rstrip('/')}/v1/files/{make_token(self.config.url_secret, uri, self.config.url_ttl_s)}"
         return {"url": url, "revised_prompt": prompt}
 
     # -- routes ----------------------------------------------------------------------------
@@ -243,11 +225,17 @@ class Gateway:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @app.get("/metrics")
-    async def metrics(self) -> Response:
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def metrics(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        self._auth(request)
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        self._auth(request)
+        return JSONResponse(bounded_openapi(app.openapi(), self.config.limits))
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
@@ -256,13 +244,18 @@ class Gateway:
             {"id": m.name, "object": "model", "owned_by": "renderfleet", "tasks": list(m.tasks)}
             for m in self.catalog.models.values() if m.kind == "pipeline" and m.name in self.models]}
 
-    @app.get("/v1/files/{token}")
+    @app.get("/v1/files/{token}", response_class=Response,
+             responses={200: {"description": "The stored output", "content": {f.mime: {} for f in FORMATS.values()}}})
     async def file(self, token: str) -> Response:
-        uri = read_token(self.config, token)
+        uri = read_token(self.config.url_secret, token)
+        try:
+            data = await asyncio.to_thread(read_bytes, uri)
+        except FileNotFoundError:
+            raise APIError(404, "the file behind this link no longer exists", code="file_not_found") from None
         fmt = format_for_path(uri)
-        return Response(read_bytes(uri), media_type=fmt.mime if fmt else "application/octet-stream")
+        return Response(data, media_type=fmt.mime if fmt else "application/octet-stream")
 
-    @app.post("/v1/images/generations", openapi_extra=_documented(ImageGenerationRequest))
+    @app.post("/v1/images/generations", openapi_extra=documented(ImageGenerationRequest), **GENERATION_ROUTE)
     async def images(self, request: Request) -> dict:
         self._auth(request)
         body = await self._body(request, ImageGenerationRequest)
@@ -270,7 +263,7 @@ class Gateway:
         width, height = parse_size(body.size, self.config.limits)
         return await self._render("images", entry, "image", body, {"width": width, "height": height})
 
-    @app.post("/v1/videos/generations", openapi_extra=_documented(VideoGenerationRequest))
+    @app.post("/v1/videos/generations", openapi_extra=documented(VideoGenerationRequest), **GENERATION_ROUTE)
     async def videos(self, request: Request) -> dict:
         self._auth(request)
         body = await self._body(request, VideoGenerationRequest)
@@ -278,24 +271,25 @@ class Gateway:
         width, height = parse_size(body.size, self.config.limits)
         return await self._render("videos", entry, "video", body, {"width": width, "height": height})
 
-    @app.post("/v1/audio/generations", openapi_extra=_documented(AudioGenerationRequest))
+    @app.post("/v1/audio/generations", openapi_extra=documented(AudioGenerationRequest), **GENERATION_ROUTE)
     async def audio(self, request: Request) -> dict:
         self._auth(request)
         body = await self._body(request, AudioGenerationRequest)
         entry = self._entry(body.model, "audio")
         return await self._render("audio", entry, "audio", body, {})
 
-    @app.post("/v1/meshes/generations", openapi_extra=_documented(MeshGenerationRequest))
+    @app.post("/v1/meshes/generations", openapi_extra=documented(MeshGenerationRequest), **GENERATION_ROUTE)
     async def meshes(self, request: Request) -> dict:
         self._auth(request)
         body = await self._body(request, MeshGenerationRequest)
         entry = self._entry(body.model, "mesh")
         return await self._render("meshes", entry, "mesh", body, {})
 
-    @app.post("/v1/images/edits")
+    @app.post("/v1/images/edits", openapi_extra=documented_form(ImageEditRequest), **GENERATION_ROUTE)
     async def edits(self, request: Request) -> dict:
         self._auth(request)
-        form = await request.form(max_part_size=self.config.max_upload_bytes)
+        refuse_declared(request, form_limit(self.config.max_upload_bytes), "an image, a mask and fields")
+        form = await request.form(max_files=4, max_fields=64, max_part_size=self.config.max_upload_bytes)
         uploads = [v for k, v in form.multi_items() if k in ("image", "image[]") and hasattr(v, "read")]
         if not uploads:
             raise APIError(400, "image: a file is required (multipart field 'image' or 'image[]')", param="image",
@@ -305,17 +299,23 @@ class Gateway:
         entry = self._entry(body.model or self._edit_default(), "edit")
         width, height = parse_size(body.size, self.config.limits)
         extra: dict[str, Any] = {"width": width, "height": height}
-        for name, upload in (("image", uploads[0]), ("mask", form.get("mask"))):
-            if upload is None or not hasattr(upload, "read"):
-                continue
-            data = await upload.read()
-            if len(data) > self.config.max_upload_bytes:
-                raise APIError(413, f"{name}: {len(data)} bytes is over the {self.config.max_upload_bytes}-byte upload limit",
-                               param=name, code="file_too_large")
-            uri = join(self.config.store, "uploads", f"{uuid.uuid4().hex}.{name}")
-            write_bytes(uri, data)
-            extra["image_uri" if name == "image" else "mask_uri"] = uri
-        return await self._render("edits", entry, "edit", body, extra)
+        stored: dict[str, str] = {}  # upload uri -> its form field, deleted when the request is done
+        try:
+            for name, upload in (("image", uploads[0]), ("mask", form.get("mask"))):
+                if upload is None or not hasattr(upload, "read"):
+                    continue
+                data = await upload.read()
+                if len(data) > self.config.max_upload_bytes:
+                    raise APIError(413, f"{name}: {len(data)} bytes is over the {self.config.max_upload_bytes}-byte "
+                                        "upload limit", param=name, code="file_too_large")
+                uri = join(self.config.store, "uploads", f"{uuid.uuid4().hex}.{name}")
+                stored[uri] = name
+                await asyncio.to_thread(write_bytes, uri, data)
+                extra[f"{name}_uri"] = uri
+            return await self._render("edits", entry, "edit", body, extra, uploads=stored)
+        finally:
+            for uri in stored:
+                await asyncio.to_thread(delete, uri)
 
     def _edit_default(self) -> str:
         return self._default_for("edit")
@@ -328,11 +328,13 @@ def build_app(config: ServeConfig, model_names: list[str] | None = None) -> Any:
     catalog = Catalog.load(config.catalog_path)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     models = {}
+    capacity = 0  # rows the models can hold at once (running + queued): the gateway admits no more requests
     for entry in catalog.models.values():
         if entry.kind != "pipeline" or (model_names is not None and entry.name not in model_names):
             continue
         s = entry.serve
         renderer = RendererConfig(catalog_path=config.catalog_path, out=config.store, limits=config.limits,
+                                  input_roots=(join(config.store, "uploads"),), write_deadline_s=10.0,
                                   torch_threads=config.torch_threads, env=config.env, job_id="serve")
         autoscaling = None
         if s.max_replicas > 1 or s.min_replicas != 1:
@@ -350,7 +352,15 @@ def build_app(config: ServeConfig, model_names: list[str] | None = None) -> Any:
         else:
             options["num_replicas"] = 1
         models[entry.name] = ModelServer.options(**options).bind(renderer, s.max_batch_size, s.batch_wait_timeout_s)
-    return Gateway.bind(config, models)
+        capacity += s.max_replicas * s.max_ongoing_requests + max(s.max_queued_requests, 0)
+    # The gateway admits as many requests as the models can hold, so the models' own limits decide: what they
+    # cannot take fails fast at the model handle, as an OpenAI-shaped 503 from the gateway. Its queue is as deep,
+    # because Serve counts a burst's requests as queued while it picks a replica for them (measured: a queue of
+    # 16 refused 18 of 64 simultaneous requests that fit); past both, the proxy refuses with a plain-text 503.
+    slots = capacity + GATEWAY_HEADROOM
+    gateway = Gateway.options(max_ongoing_requests=slots, max_queued_requests=slots,
+                              backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S))
+    return gateway.bind(config, models)
 
 
 def load_api_keys(path: str | None) -> tuple[str, ...]:

@@ -57,3 +57,22 @@ def ray_cluster():
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve_http(ray_cluster) -> Iterator[str]:
+    """Serve's HTTP proxy on a free 127.0.0.1 port for one test module; yields its base URL.
+
+    Serve shuts down after the module: Ray Data tests that follow need the CPUs back."""
+    import socket
+
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()

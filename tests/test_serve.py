@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import time
 import wave
 from concurrent.futures import ThreadPoolExecutor
@@ -15,11 +14,11 @@ import httpx
 import numpy as np
 import pytest
 import trimesh
-import yaml
 from PIL import Image
 
 from cluster.api import failure_error
 from helpers import probe_video
+from serve_helpers import assert_openai_error, percentiles, serve_catalog, stored_outputs, wait_for
 from storage.params import Limits
 from storage.reasons import REASONS
 from pipelines.media.watermark import WatermarkConfig, bit_accuracy
@@ -31,56 +30,41 @@ SECURE_LIMITS = Limits(max_steps=3, max_pixels=128 * 128, max_prompt_chars=50)
 SERVED = ["tiny-sd", "tiny-sdxl", "tiny-lcm", "tiny-sd-img2img", "tiny-t2v", "tiny-audioldm", "tiny-shap-e"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_catalog(tiny_catalog: str, folder: Path) -> str:
+def served_catalog(tiny_catalog: str, folder: Path) -> str:
     """A small catalog: tiny-sd always up; the others scale from zero; tiny-lcm with a tiny queue."""
-    base = Path(tiny_catalog).parent
-    data = yaml.safe_load(Path(tiny_catalog).read_text())
-    models = {}
-    for name in SERVED + ["tiny-safety-checker"]:
-        entry = dict(data["models"][name], source=str(base / data["models"][name]["source"]))
-        if entry["kind"] == "pipeline":
-            entry["serve"] = {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 600.0}
-        models[name] = entry
-    models["tiny-sd"]["serve"] = {"min_replicas": 1, "max_replicas": 1, "max_batch_size": 8, "batch_wait_timeout_s": 0.2,
-                                  "max_ongoing_requests": 64, "max_queued_requests": 256}
-    models["tiny-sdxl"]["serve"] = {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 1.0,
-                                    "max_ongoing_requests": 4, "upscale_delay_s": 0.5, "downscale_delay_s": 3.0,
-                                    "max_batch_size": 2}
-    models["tiny-lcm"]["serve"] = {"min_replicas": 1, "max_replicas": 1, "max_batch_size": 1, "max_ongoing_requests": 1,
-                                   "max_queued_requests": 1}
-    (folder / "policy.yaml").write_text(yaml.safe_dump({"terms": ["forbidden"]}))
-    safety = {**data.get("safety", {}), "prompt_policy": str(folder / "policy.yaml")}
-    path = folder / "serve-catalog.yaml"
-    path.write_text(yaml.safe_dump({"default_model": "tiny-sd", "safety": safety, "models": models}, sort_keys=False))
-    return str(path)
+    serve = {name: {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 600.0} for name in SERVED}
+    serve["tiny-sd"] = {"min_replicas": 1, "max_replicas": 1, "max_batch_size": 8, "batch_wait_timeout_s": 0.2,
+                        "max_ongoing_requests": 64, "max_queued_requests": 256}
+    serve["tiny-sdxl"] = {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 1.0,
+                          "max_ongoing_requests": 4, "upscale_delay_s": 0.5, "downscale_delay_s": 3.0, "max_batch_size": 2}
+    serve["tiny-lcm"] = {"min_replicas": 1, "max_replicas": 1, "max_batch_size": 1, "max_ongoing_requests": 1,
+                         "max_queued_requests": 1}
+    return serve_catalog(tiny_catalog, folder, serve)
+
+
+class Server(str):
+    """The app's base URL, knowing the local store its outputs and uploads go to."""
+
+    store: Path
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_catalog, ray_cluster):
+def server(tmp_path_factory, tiny_catalog, serve_http):
     from ray import serve
 
     from cluster.serve_app import ServeConfig, build_app
 
     folder = tmp_path_factory.mktemp("serve")
-    catalog = serve_catalog(tiny_catalog, folder)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
+    catalog = served_catalog(tiny_catalog, folder)
+    base = serve_http
     config = ServeConfig(catalog_path=catalog, store=str(folder / "store"), public_url=base, max_upload_bytes=200_000)
     secured = ServeConfig(catalog_path=catalog, store=str(folder / "store"), public_url=base + "/secure",
                           api_keys=("sk-test-key",), limits=SECURE_LIMITS)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app(config), name="rf", route_prefix="/")
-        serve.run(build_app(secured, model_names=[]), name="rf-secure", route_prefix="/secure")
-        yield base
-    finally:
-        serve.shutdown()  # Ray Data tests that follow need the CPUs back
+    serve.run(build_app(config), name="rf", route_prefix="/")
+    serve.run(build_app(secured, model_names=[]), name="rf-secure", route_prefix="/secure")
+    server = Server(base)
+    server.store = folder / "store"
+    return server
 
 
 def client(base: str, **kw):
@@ -171,13 +155,6 @@ def serve_replicas(name: str) -> int:
     return sum(status.replica_states.values()) if status.replica_states else 0
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.5)
-
-
 def test_autoscaling_zero_to_two_and_back(server):
     assert serve_replicas("tiny-sdxl") == 0
     r = httpx.post(server + "/v1/images/generations", json={"model": "tiny-sdxl", "prompt": "x", "size": "64x64"}, timeout=300)
@@ -215,8 +192,8 @@ def test_bad_requests_get_openai_errors(server, payload, status, param, code):
     kwargs = {"content": payload, "headers": {"content-type": "application/json"}} if isinstance(payload, str) else {"json": payload}
     r = httpx.post(server + "/v1/images/generations", timeout=60, **kwargs)
     assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert error["code"] == code and (param is None or error["param"] == param) and error["message"]
+    error = assert_openai_error(r.json(), status)
+    assert error["code"] == code and error["param"] == param  # malformed JSON names no field (nor a character offset)
 
 
 def test_filtered_prompt_is_a_clear_400(server):
@@ -266,6 +243,7 @@ REASON_REQUESTS = [
     ("images/edits", {"prompt": "x", "model": "tiny-sd-img2img", "strength": "2", "file": "png"}, "invalid_strength"),
     ("images/edits", {"prompt": "x", "model": "tiny-sd-img2img"}, "missing_input"),
     ("images/edits", {"prompt": "x", "model": "tiny-sd-img2img", "file": b"not an image"}, "invalid_input"),
+    ("images/generations", {"prompt": "x", "seed": 2**63 - 1, "n": 2}, "invalid_seed"),
 ]
 
 
@@ -283,7 +261,9 @@ def test_each_reason_has_its_status(server, route, payload, code):
     else:
         r = httpx.post(f"{server}/v1/{route}", json=payload, timeout=120)
     assert r.status_code == REASONS[code].http_status == 400, r.text
-    assert r.json()["error"]["code"] == code, r.text
+    error = assert_openai_error(r.json(), 400)
+    assert error["code"] == code, r.text
+    assert str(server.store) not in error["message"] and "/uploads/" not in error["message"], r.text  # no server paths
 
 
 def test_every_reason_maps_to_its_status():
@@ -310,3 +290,171 @@ def test_online_limits_are_the_deployments(server):
     r = httpx.post(server + "/v1/images/generations", json={"prompt": "y" * 10_000, "num_inference_steps": 4, "size": "64x64"},
                    timeout=120)
     assert r.status_code == 200, r.text
+
+
+def test_burst_answers_503_fast_and_keeps_only_returned_images(server):
+    """100 concurrent requests (n=1 or 2) at a model that holds 2 rows: the gateway admits them all, the model's
+    handle refuses what it cannot hold, and those callers get OpenAI-shaped 503s with Retry-After at once.
+
+    A request that fails keeps nothing: its sibling calls are cancelled, outputs it already stored are deleted,
+    and a sibling already rendering finishes on its replica, which deletes the output (nobody will claim it).
+    So afterwards the store holds exactly the images returned."""
+    before = stored_outputs(server.store)
+    http = httpx.Client(timeout=60, limits=httpx.Limits(max_connections=100))  # a hung socket fails the test
+
+    def one(i: int) -> tuple[httpx.Response, float]:
+        started = time.monotonic()
+        r = http.post(server + "/v1/images/generations",
+                      json={"model": "tiny-lcm", "prompt": f"burst {i}", "size": "256x256", "num_inference_steps": 4,
+                            "n": 1 + i % 2})
+        return r, time.monotonic() - started
+
+    with http, ThreadPoolExecutor(100) as pool:
+        answers = list(pool.map(one, range(100)))
+    statuses = [r.status_code for r, _ in answers]
+    rejected = [seconds for r, seconds in answers if r.status_code == 503]
+    served = [seconds for r, seconds in answers if r.status_code == 200]
+    print(f"\nburst of 100 at 127.0.0.1: {len(rejected)} got 503 ({percentiles(rejected)}); "
+          f"{len(served)} got 200 ({percentiles(served)})")
+    assert set(statuses) <= {200, 503} and rejected, statuses
+    for r, _ in answers:
+        if r.status_code == 503:
+            assert r.headers.get("retry-after") == "1", r.headers
+            assert assert_openai_error(r.json(), 503)["code"] == "overloaded"
+    returned = sum(len(r.json()["data"]) for r, _ in answers if r.status_code == 200)
+
+    # One more request through the same replica: batches run one at a time there, so when it returns, every
+    # render the burst started has ended (and abandoned outputs have been deleted).
+    def follow_up() -> bool:
+        r = httpx.post(server + "/v1/images/generations", json={"model": "tiny-lcm", "prompt": "after", "size": "64x64"},
+                       timeout=60)
+        assert r.status_code in (200, 503), r.text
+        return r.status_code == 200
+
+    wait_for(follow_up, 60, "tiny-lcm never answered 200 after the burst")
+    wait_for(lambda: len(stored_outputs(server.store) - before) == returned + 1, 20,
+             f"the store should hold the {returned} images returned plus the follow-up's")
+
+
+def test_seed_range_is_checked_before_anything_renders(server):
+    """Image i renders with seed+i: the last seed must fit in int64, checked at the boundary, so nothing renders."""
+    before = stored_outputs(server.store)
+    r = httpx.post(server + "/v1/images/generations", timeout=60,
+                   json={"model": "tiny-sd", "prompt": "x", "size": "64x64", "seed": 2**63 - 1, "n": 2})
+    assert r.status_code == 400, r.text
+    error = assert_openai_error(r.json(), 400)
+    assert (error["code"], error["param"]) == ("invalid_seed", "seed"), error
+    assert stored_outputs(server.store) == before
+    r = httpx.post(server + "/v1/images/generations", timeout=60,
+                   json={"model": "tiny-sd", "prompt": "x", "size": "64x64", "seed": 2**63 - 2, "n": 2})
+    assert r.status_code == 200 and len(r.json()["data"]) == 2, r.text
+
+
+@pytest.mark.parametrize("token", ["%C3%A9.%C3%A9", "%C3%A9", "abc", "abc.def", "a.b.c", "%00.%00", "e30." + "0" * 64,
+                                   "x" * 4000 + "." + "%F0%9F%98%80" * 10])
+def test_malformed_file_links_are_403(server, token):
+    r = httpx.get(f"{server}/v1/files/{token}", timeout=30)
+    assert r.status_code == 403, r.text
+    assert assert_openai_error(r.json(), 403)["code"] == "invalid_token"
+
+
+def test_signed_but_malformed_tokens_are_403():
+    """A token with a valid signature over a payload that is not ours (bad base64, not JSON, not a dict) is refused."""
+    from cluster.api import APIError
+    from cluster.links import make_token, read_token, sign
+
+    secret, ttl = "s3cret", 3600
+    assert read_token(secret, make_token(secret, "/unused/x.png", ttl)) == "/unused/x.png"
+    payloads = ["!!!", base64.urlsafe_b64encode(b"not json").decode(), base64.urlsafe_b64encode(b"[1, 2]").decode(),
+                base64.urlsafe_b64encode(b'{"u": 1, "e": 2}').decode(), base64.urlsafe_b64encode(b'{"u": "x"}').decode(),
+                base64.urlsafe_b64encode(b'"text"').decode(), "\u00e9"]
+    for payload in payloads:
+        with pytest.raises(APIError) as e:
+            read_token(secret, f"{payload}.{sign(secret, payload)}")
+        assert (e.value.status, e.value.code) == (403, "invalid_token"), payload
+    with pytest.raises(APIError) as e:
+        read_token(secret, make_token(secret, "/unused/x.png", ttl, now=time.time() - 2 * ttl))
+    assert e.value.code == "expired_token"
+
+
+def multipart(fields: dict[str, str], boundary: str = "rfboundary") -> bytes:
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n' for k, v in fields.items()]
+    return ("".join(parts) + f"--{boundary}--\r\n").encode()
+
+
+FORM = {"content-type": "multipart/form-data; boundary=rfboundary"}
+ERROR_REQUESTS = [
+    ("GET", "/no/such/route", {}, 404, "not_found"),
+    ("GET", "/v1/images/generations", {}, 405, "method_not_allowed"),
+    ("DELETE", "/v1/models", {}, 405, "method_not_allowed"),
+    ("POST", "/v1/images/generations", {"content": b'{"prompt": "x", "n": 1,', "headers": {"content-type": "application/json"}},
+     400, "invalid_json"),
+    ("POST", "/v1/images/generations", {"content": b"\xff\xfe\x00garbage"}, 400, "invalid_json"),
+    ("POST", "/v1/images/generations", {"content": b"[1, 2, 3]"}, 400, "invalid_value"),
+    ("POST", "/v1/images/generations", {"content": b'{"prompt": "' + b"x" * (2 * 1024 * 1024) + b'"}'}, 413, "request_too_large"),
+    ("POST", "/v1/images/edits", {"content": b"--rfboundary\r\nnot a part", "headers": FORM}, 400, "invalid_request"),
+    ("POST", "/v1/images/edits", {"content": b"junk", "headers": {"content-type": "multipart/form-data"}}, 400, "invalid_request"),
+    ("POST", "/v1/images/edits", {"content": multipart({"prompt": "x" * 250_000}), "headers": FORM}, 400, "invalid_request"),
+    ("POST", "/v1/images/edits", {"content": b"x" * (2 * 200_000 + 1024 * 1024 + 1), "headers": FORM}, 413, "request_too_large"),
+]
+
+
+@pytest.mark.parametrize("method, path, kwargs, status, code", ERROR_REQUESTS,
+                         ids=[f"{m} {p} {s}" for m, p, _, s, _ in ERROR_REQUESTS])
+def test_every_status_has_the_openai_error_shape(server, method, path, kwargs, status, code):
+    r = httpx.request(method, server + path, timeout=60, **kwargs)
+    assert r.status_code == status, r.text
+    error = assert_openai_error(r.json(), status)
+    assert error["code"] == code, error
+    if code == "invalid_json":
+        assert error["param"] is None, error
+
+
+def test_openapi_documents_the_errors_sent(server):
+    """Every operation documents 400 (and every other status) with the error shape; none documents 422."""
+    schema = httpx.get(server + "/openapi.json", timeout=30).json()
+    assert "ErrorResponse" in schema["components"]["schemas"]
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert "422" not in responses, (method, path)
+            for status in ("400", "default"):
+                ref = responses[status]["content"]["application/json"]["schema"]["$ref"]
+                assert ref.endswith("/ErrorResponse"), (method, path, status)
+    edit = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert "image" in edit["required"] and "prompt" in edit["properties"]
+
+
+def test_metrics_and_schema_need_the_key_when_keys_are_set(server):
+    key = {"Authorization": "Bearer sk-test-key"}
+    for path in ("/metrics", "/openapi.json"):
+        r = httpx.get(server + "/secure" + path, timeout=30)
+        assert r.status_code == 401, (path, r.text)
+        assert assert_openai_error(r.json(), 401)["code"] == "invalid_api_key"
+        assert httpx.get(server + "/secure" + path, headers=key, timeout=30).status_code == 200, path
+    assert httpx.get(server + "/secure/healthz", timeout=30).json() == {"status": "ok"}
+
+
+def png_bytes(size: int = 64) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(size).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_edit_errors_name_fields_and_uploads_are_deleted(server):
+    """Errors about uploads name the form field, never a server path; no upload outlives its request."""
+    url = server + "/v1/images/edits"
+    form = {"prompt": "x", "model": "tiny-sd-img2img"}
+    for files, field in [({"image": ("a.png", b"not an image", "image/png")}, "image"),
+                         ({"image": ("a.png", png_bytes(), "image/png"), "mask": ("m.png", b"\x89PNG junk", "image/png")}, "mask")]:
+        r = httpx.post(url, data=form, files=files, timeout=120)
+        assert r.status_code == 400, r.text
+        error = assert_openai_error(r.json(), 400)
+        assert error["code"] == "invalid_input" and error["message"].startswith(f"invalid_input: {field} "), error
+        assert "/" not in error["message"].split(":", 2)[1] and "uploads" not in error["message"], error
+    r = httpx.post(url, data=form, files={"image": ("a.png", png_bytes(), "image/png")}, timeout=120)
+    assert r.status_code == 200, r.text
+    r = httpx.post(url, data={**form, "n": "99"}, files={"image": ("a.png", png_bytes(), "image/png")}, timeout=120)
+    assert r.status_code == 400, r.text
+    uploads = server.store / "uploads"
+    assert not uploads.exists() or not any(uploads.iterdir()), list(uploads.iterdir())
