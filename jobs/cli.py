@@ -7,12 +7,35 @@ import logging
 import os
 import sys
 
-from pipelines.catalog import CatalogError
-from storage.manifest import ManifestError
+from jobs.exits import (EXIT_INTERRUPTED, EXIT_RESULTS_UNAVAILABLE, EXIT_ROWS_FAILED, EXIT_USAGE, RESULTS_DEADLINE_S,
+                        UsageError)
 from storage.params import Limits
-from storage.results import DEFAULT_DEADLINE_S, JobStopped
 
-EXIT_RESULTS_UNAVAILABLE = JobStopped.exit_code  # results could not be recorded; the same command resumes
+# Heavy imports (pyarrow datasets, torch, Ray) stay inside the commands, so --help and --version are quick.
+EXIT_CODES_HELP = (f"exit status: 0 every row final; {EXIT_ROWS_FAILED} more rows failed than --max-failed-fraction "
+                   f"allows; {EXIT_USAGE} unusable input; {EXIT_RESULTS_UNAVAILABLE} results could not be written "
+                   f"(rerun to resume); {EXIT_INTERRUPTED} interrupted; 1 a crash")
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" on every option whose help does not already say its default in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None:
+            return text
+        return super()._get_help_string(action) or text
+
+
+def _fraction(text: str) -> float:
+    """argparse type for --max-failed-fraction: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside 0..1")
+    return value
 
 
 def resume_command(argv: list[str]) -> str:
@@ -25,8 +48,10 @@ def resume_command(argv: list[str]) -> str:
 
 def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", help="model catalog YAML (default: the tiny random-weight catalog)")
+    p.add_argument("--max-failed-fraction", type=_fraction, default=0.0, metavar="F",
+                   help=f"exit 0 despite failed rows while failed/total <= F, else {EXIT_ROWS_FAILED}")
     p.add_argument("--workers", type=int, help="render actors (default: one per GPU, or CPUs/2)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per actor call (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per actor call")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     p.add_argument("--torch-threads", type=int, help="torch threads per actor (default: sized from the cluster)")
     p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPU share per actor on GPU clusters")
@@ -37,9 +62,9 @@ def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-memory-mb", type=int, help="loaded models per actor (default: most of the device's memory)")
     p.add_argument("--results-flush-rows", type=int, default=1000, help="write a results part every N rows")
     p.add_argument("--results-flush-seconds", type=float, default=10.0, help="... or every N seconds")
-    p.add_argument("--results-deadline-seconds", type=float, default=DEFAULT_DEADLINE_S,
+    p.add_argument("--results-deadline-seconds", type=float, default=RESULTS_DEADLINE_S,
                    help="how long failing results writes (S3 down, a read-only disk) are retried, rows kept, before "
-                        f"the job stops with exit status {EXIT_RESULTS_UNAVAILABLE} (default {DEFAULT_DEADLINE_S:.0f})")
+                        f"the job stops with exit status {EXIT_RESULTS_UNAVAILABLE} (default {RESULTS_DEADLINE_S:.0f})")
     p.add_argument("--input-root", action="append", default=[], metavar="DIR",
                    help="a local folder rows' input assets, LoRAs and embeddings may come from, besides the manifest's "
                         "own folder (repeatable; default: none)")
@@ -67,17 +92,18 @@ def _job(args: argparse.Namespace, manifest: str, out: str):
     )
 
 
-def _run_job(job) -> int:
+def _run_job(job, max_failed_fraction: float) -> int:
     from jobs.render import run
 
     report = run(job)
     for line in report.lines():
         print(line)
-    return 0
+    print(report.verdict(max_failed_fraction))
+    return report.exit_status(max_failed_fraction)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    return _run_job(_job(args, args.manifest, args.out))
+    return _run_job(_job(args, args.manifest, args.out), args.max_failed_fraction)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -87,25 +113,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     manifest = write_demo_manifest(args.out, args.rows)
     print(f"demo manifest: {manifest}")
-    status = _run_job(_job(args, manifest, args.out))
+    status = _run_job(_job(args, manifest, args.out), args.max_failed_fraction)
     print(f"report: {write_report(args.out)}")
     return status
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from storage.results import results_dir, summarize
+def _require_results(out: str) -> None:
+    """Refuses (exit 2) a path that holds no results: a typo must not read as "0 rows" or create a folder."""
+    from storage.fs import is_s3
+    from storage.results import has_results, results_dir
 
+    if not is_s3(out) and not os.path.exists(out):
+        raise UsageError(f"{out}: no such folder; give the --out of a render")
+    if not has_results(out):
+        raise UsageError(f"{out}: no results here (no part-*.parquet under {results_dir(out)}); "
+                         "give the --out of a render")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from jobs.status import status_json, status_lines
+    from storage.results import summarize
+
+    _require_results(args.out)
     s = summarize(args.out)
-    print(f"results: {results_dir(args.out)}")
-    print(f"rows: {s.total}  " + "  ".join(f"{k}={s.by_status.get(k, 0)}" for k in ("ok", "failed", "filtered")))
-    for reason, n in s.failures.items():
-        print(f"  failed {reason}: {n}")
+    print(status_json(args.out, s) if args.json else "\n".join(status_lines(args.out, s, show_all=args.all)))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from jobs.report import write_report
 
+    _require_results(args.out)
     print(f"report: {write_report(args.out)}")
     return 0
 
@@ -164,58 +202,140 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_build_tiny(args: argparse.Namespace) -> int:
     from pipelines.tiny import build_tiny_models
+    from pipelines.tiny.registry import TINY_MODELS
 
+    unknown = [n for n in args.names if n not in TINY_MODELS]
+    if unknown:
+        raise UsageError(f"unknown tiny model{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(TINY_MODELS)}")
     print(build_tiny_models(args.dir, args.names or None))
     return 0
 
 
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from pipelines.catalog import Catalog
+
+    path = args.catalog
+    if not path:
+        from pipelines.tiny import default_catalog_path
+
+        path = default_catalog_path()
+        print(f"catalog: {path} (the tiny random-weight models)", file=sys.stderr)
+    catalog = Catalog.load(path)
+    rows = [("NAME", "KIND", "TASKS", "SOURCE")]
+    rows += [(m.name + (" *" if m.name == catalog.default_model else ""), m.kind, ",".join(m.tasks) or "-", m.source)
+             for m in catalog.models.values()]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+    print("* default_model", file=sys.stderr)
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    import json
+
+    from jobs.env import collect_env
+
+    info = collect_env(args.catalog)
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from jobs.init import init_project
+
+    for path in init_project(args.dir, force=args.force):
+        print(f"wrote {path}")
+    print(f"next: read {os.path.join(args.dir, 'README.txt')}")
+    return 0
+
+
+def version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("renderfleet")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _sub(sub: argparse._SubParsersAction, name: str, text: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=text, description=text, epilog=epilog, formatter_class=DefaultsFormatter)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="renderfleet", description="Batch rendering of diffusion models on Ray")
+    p = argparse.ArgumentParser(prog="renderfleet", description="Batch rendering of diffusion models on Ray",
+                                epilog=EXIT_CODES_HELP, formatter_class=DefaultsFormatter)
+    p.add_argument("--version", action="version", version=f"renderfleet {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("render", help="render every row of a Parquet manifest (resumes with the same --out)")
+    r = _sub(sub, "render", "render every row of a Parquet manifest (resumes with the same --out)", EXIT_CODES_HELP)
     r.add_argument("manifest", help="Parquet file or directory, local or s3://")
-    r.add_argument("--out", required=True, help="output location, local dir or s3://bucket/prefix")
+    r.add_argument("--out", required=True, help="output location, local dir or s3://bucket/prefix (required, no default)")
     _render_args(r)
     r.set_defaults(func=cmd_render)
 
-    d = sub.add_parser("demo", help="render a small demo manifest on the embedded defaults")
-    d.add_argument("--out", default="renderfleet-demo", help="output location (default ./renderfleet-demo)")
+    d = _sub(sub, "demo", "render a small demo manifest on the embedded defaults", EXIT_CODES_HELP)
+    d.add_argument("--out", default="renderfleet-demo", help="output location")
     d.add_argument("--rows", type=int, default=12, help="text-to-image rows (one row of every other task follows)")
     _render_args(d)
     d.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("status", help="counts by status and failures by reason")
-    s.add_argument("out")
+    s = _sub(sub, "status", "counts by status and failure reason, and the failed ids, of a render's --out")
+    s.add_argument("out", help="the --out of a render (local dir or s3://)")
+    s.add_argument("--all", action="store_true", help="list every failed id (default: the first 20)")
+    s.add_argument("--json", action="store_true", help="one JSON object for scripts: totals, counts, reasons, all failed ids")
     s.set_defaults(func=cmd_status)
 
-    g = sub.add_parser("report", help="write OUT/report.html: a self-contained gallery of the outputs and results")
-    g.add_argument("out")
+    g = _sub(sub, "report", "write OUT/report.html: a self-contained gallery of the outputs and results")
+    g.add_argument("out", help="the --out of a render (local dir or s3://)")
     g.set_defaults(func=cmd_report)
 
-    v = sub.add_parser("verify", help="check files for renderfleet's watermark, provenance metadata and C2PA credentials")
+    v = _sub(sub, "verify", "check files for renderfleet's watermark, provenance metadata and C2PA credentials")
     v.add_argument("files", nargs="+", help="local paths or s3:// URIs")
-    v.add_argument("--catalog", help="take the watermark method and message from this catalog's safety section")
+    v.add_argument("--catalog", help="take the watermark method and message from this catalog's safety section "
+                                     "(default: renderfleet's own settings)")
     v.add_argument("--message", help="the 48-bit watermark message as 12 hex digits (default: renderfleet's own)")
-    v.add_argument("--method", choices=["dwtDct", "dwtDctSvd"])
+    v.add_argument("--method", choices=["dwtDct", "dwtDctSvd"], help="watermark method (default: the catalog's, else dwtDctSvd)")
     v.set_defaults(func=cmd_verify)
 
-    sv = sub.add_parser("serve", help="serve the catalog over HTTP (OpenAI-compatible images API, video, audio, meshes)")
+    sv = _sub(sub, "serve", "serve the catalog over HTTP (OpenAI-compatible images API, video, audio, meshes)")
     sv.add_argument("--catalog", help="model catalog YAML (default: the tiny random-weight catalog)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--store", help="where outputs are kept: a local dir or s3://bucket/prefix")
-    sv.add_argument("--public-url", help="base URL clients use to reach this server (for `url` responses)")
-    sv.add_argument("--api-keys-file", help="bearer API keys, one per line (also $RENDERFLEET_API_KEYS)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (without API keys: 127.0.0.1 only)")
+    sv.add_argument("--port", type=int, default=8000, help="port to bind")
+    sv.add_argument("--store", help="where outputs are kept: a local dir or s3://bucket/prefix "
+                                    "(default: $RENDERFLEET_HOME/serve-store)")
+    sv.add_argument("--public-url", help="base URL clients use to reach this server, for `url` responses "
+                                         "(default: http://HOST:PORT)")
+    sv.add_argument("--api-keys-file", help="bearer API keys, one per line (default: $RENDERFLEET_API_KEYS, else none)")
     sv.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     sv.set_defaults(func=cmd_serve)
 
-    m = sub.add_parser("models", help="model utilities")
+    e = _sub(sub, "env", "versions, devices and the catalog in use, for bug reports")
+    e.add_argument("--catalog", help="the catalog a job would use (default: the tiny random-weight catalog)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_env)
+
+    i = _sub(sub, "init", "write a starter project: an example manifest per task, a catalog to edit, a README.txt")
+    i.add_argument("dir", help="folder to write into (created if missing)")
+    i.add_argument("--force", action="store_true", help="overwrite files that already exist")
+    i.set_defaults(func=cmd_init)
+
+    m = _sub(sub, "models", "model utilities")
     msub = m.add_subparsers(dest="models_command", required=True)
-    b = msub.add_parser("build-tiny", help="build the tiny random-weight models and their catalog")
-    b.add_argument("dir")
+    b = _sub(msub, "build-tiny", "build the tiny random-weight models and their catalog")
+    b.add_argument("dir", help="folder to build into (DIR/catalog.yaml is the catalog)")
     b.add_argument("names", nargs="*", help="models to build (default: all)")
     b.set_defaults(func=cmd_build_tiny)
+    ml = _sub(msub, "list", "list a catalog's models: name, kind, tasks, source")
+    ml.add_argument("--catalog", help="model catalog YAML (default: the tiny random-weight catalog, built on first use)")
+    ml.set_defaults(func=cmd_models_list)
     return p
 
 
@@ -225,15 +345,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("RENDERFLEET_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ManifestError, CatalogError) as e:
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except JobStopped as e:
-        print(e.explain(resume_command(argv)), file=sys.stderr)
-        return EXIT_RESULTS_UNAVAILABLE
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        from pipelines.catalog import CatalogError
+        from storage.manifest import ManifestError
+        from storage.results import JobStopped
+
+        if isinstance(e, (ManifestError, CatalogError)):
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(e, JobStopped):
+            print(e.explain(resume_command(argv)), file=sys.stderr)
+            return EXIT_RESULTS_UNAVAILABLE
+        raise
 
 
 if __name__ == "__main__":

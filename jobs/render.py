@@ -26,6 +26,7 @@ from storage.manifest import check_files, check_ids, check_schema, open_manifest
 from storage.params import Limits
 from storage.results import (DEFAULT_DEADLINE_S, JobStopped, ResultsUnavailable, ResultsWriter, describe,
                              error_code, finished_ids, new_run_id, remove_stray_parts, results_dir)
+from jobs.exits import EXIT_OK, EXIT_ROWS_FAILED
 from jobs.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class RenderJob:
 
 @dataclass
 class JobReport:
+    """What a run did, and (through exit_status) what the command exits with."""
+
     total: int
     skipped: int
     counts: dict[str, int]
@@ -74,6 +77,29 @@ class JobReport:
         span = self.elapsed_s - (self.first_output_s or 0.0)
         done = sum(self.counts.values())
         return (done - 1) / span if span >= 1.0 and done > 1 else self.rendered_per_s
+
+    @property
+    def failed(self) -> int:
+        return self.counts.get("failed", 0)
+
+    @property
+    def failed_fraction(self) -> float:
+        """Failed rows over the manifest's rows (rows skipped as done count as final)."""
+        return self.failed / self.total if self.total else 0.0
+
+    def exit_status(self, max_failed_fraction: float = 0.0) -> int:
+        """0 when every row is final or failures stay within the tolerated fraction, else EXIT_ROWS_FAILED."""
+        return EXIT_ROWS_FAILED if self.failed and self.failed_fraction > max_failed_fraction else EXIT_OK
+
+    def verdict(self, max_failed_fraction: float = 0.0) -> str:
+        """One line saying why the job exits as it does."""
+        if not self.failed:
+            return f"exit status {EXIT_OK}: every row is final"
+        share = f"{self.failed} of {self.total} rows failed ({self.failed_fraction:.1%})"
+        if self.exit_status(max_failed_fraction) == EXIT_OK:
+            return f"exit status {EXIT_OK}: {share}, within --max-failed-fraction {max_failed_fraction:g}"
+        return (f"exit status {EXIT_ROWS_FAILED}: {share}, over --max-failed-fraction {max_failed_fraction:g}; "
+                "rerun the same command to retry them")
 
     def lines(self) -> list[str]:
         c = self.counts
@@ -215,7 +241,7 @@ def close_batches(batches: object) -> None:
 def record_run(out: str, run_id: str, report: JobReport, workers: int) -> None:
     """Keeps each run's figures beside its results, for reports and benchmarks."""
     summary = {
-        "run_id": run_id, "rendered": sum(report.counts.values()), "counts": report.counts,
+        "run_id": run_id, "manifest_total": report.total, "rendered": sum(report.counts.values()), "counts": report.counts,
         "failures": report.failures, "skipped": report.skipped, "elapsed_s": report.elapsed_s,
         "rows_per_s": report.rendered_per_s, "steady_rows_per_s": report.steady_per_s,
         "model_loads": report.model_loads, "workers": workers,

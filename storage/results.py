@@ -10,6 +10,7 @@ the write is retried with backoff until a deadline, then ResultsUnavailable says
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import secrets
@@ -272,11 +273,47 @@ def error_code(error: str | None) -> str:
 
 @dataclass(frozen=True)
 class Summary:
-    """Counts by status and failures by reason."""
+    """Counts by status and failures by reason, the failed ids, and the manifest's size when a run recorded it."""
 
     total: int
     by_status: dict[str, int]
     failures: dict[str, int]
+    failed_ids: tuple[str, ...] = ()
+    manifest_total: int | None = None  # from the latest run summary under OUT/runs/; None when none recorded it
+
+    @property
+    def pending(self) -> int | None:
+        """Manifest rows with no result yet (None when the manifest's size is unknown)."""
+        return None if self.manifest_total is None else max(self.manifest_total - self.total, 0)
+
+    def as_dict(self) -> dict:
+        """The summary for machines (`renderfleet status --json`)."""
+        return {"manifest_total": self.manifest_total, "results": self.total, "pending": self.pending,
+                "counts": {k: self.by_status.get(k, 0) for k in STATUSES} | self.by_status,
+                "reasons": self.failures, "failed_ids": list(self.failed_ids)}
+
+
+def has_results(out: str) -> bool:
+    """Whether OUT holds any results part (so `status` and `report` can refuse a wrong path)."""
+    try:
+        parts = list_files(results_dir(out), suffix=".parquet")
+    except FileNotFoundError:  # a missing S3 bucket
+        return False
+    return any(os.path.basename(u).startswith("part-") for u in parts)
+
+
+def latest_run(out: str) -> dict | None:
+    """The newest run summary under OUT/runs/ (names sort by start time), or None; an unreadable one is skipped."""
+    try:
+        runs = list_files(join(out, "runs"), suffix=".json")
+    except FileNotFoundError:
+        return None
+    for uri in sorted(runs, key=os.path.basename, reverse=True):
+        try:
+            return json.loads(read_bytes(uri))
+        except (ValueError, *store_errors()) as e:
+            log.warning("skipping the run summary %s: %s", uri, describe(e))
+    return None
 
 
 def summarize(out: str) -> Summary:
@@ -284,4 +321,8 @@ def summarize(out: str) -> Summary:
     statuses = Counter(table["status"].to_pylist())
     failed = table.filter(pc.equal(table["status"], "failed"))
     reasons = Counter(error_code(e) for e in failed["error"].to_pylist())
-    return Summary(total=table.num_rows, by_status=dict(statuses), failures=dict(reasons.most_common()))
+    run = latest_run(out) or {}
+    manifest_total = run.get("manifest_total")
+    return Summary(total=table.num_rows, by_status=dict(statuses), failures=dict(reasons.most_common()),
+                   failed_ids=tuple(sorted(failed["id"].to_pylist())),
+                   manifest_total=manifest_total if isinstance(manifest_total, int) else None)

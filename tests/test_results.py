@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from storage.results import RESULT_SCHEMA, ResultsWriter, finished_ids, read_results, summarize
+from storage.results import RESULT_SCHEMA, ResultsWriter, finished_ids, has_results, read_results, summarize
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -54,3 +54,20 @@ def test_user_columns_named_like_sort_keys_are_kept(tmp_path):
     assert table["id"].to_pylist() == ["b", "a"] and table["status"].to_pylist() == ["ok", "ok"]
     assert table["_order"].to_pylist() == ["x", "x"] and table["_final"].to_pylist() == [7, 7]
     assert sorted(finished_ids(str(tmp_path)).to_pylist()) == ["a", "b"]
+
+
+def test_summary_has_failed_ids_and_the_latest_runs_manifest_total(tmp_path):
+    out = str(tmp_path)
+    assert not has_results(out) and not has_results(str(tmp_path / "nothing"))
+    w = ResultsWriter(out, flush_rows=100)
+    w.add(rows(("b", "failed", "render_error: x"), ("a", "failed", "unknown_model: y"), ("c", "ok", None)))
+    w.flush()
+    assert has_results(out)
+    s = summarize(out)
+    assert s.failed_ids == ("a", "b") and s.manifest_total is None and s.pending is None
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "20260101T000000Z-aaaaaa.json").write_text('{"manifest_total": 10}')
+    (tmp_path / "runs" / "20260102T000000Z-bbbbbb.json").write_text("not json")  # a torn write is skipped
+    s = summarize(out)
+    assert s.manifest_total == 10 and s.pending == 7
+    assert s.as_dict()["counts"] == {"ok": 1, "failed": 2, "filtered": 0}
