@@ -107,8 +107,8 @@ def test_outputs_carry_watermark_metadata_and_credentials(signed_run, capsys):
     for line in text.splitlines():
         if "bit accuracy" in line:
             assert float(line.split("bit accuracy ")[1].split(",")[0]) >= 0.95, line
-    assert main(["verify", ok["png-small"]["output_uri"]]) == 1  # too small to carry a mark
-    capsys.readouterr()
+    assert main(["verify", ok["png-small"]["output_uri"]]) == 0  # too small to carry a mark: its own status
+    assert "[unmarked_small]" in capsys.readouterr().out
 
     png = Image.open(ok["png-256"]["output_uri"])
     assert png.info["model"] == "tiny-sd" and png.info["row_id"] == "png-256" and "prompt" not in png.info
