@@ -28,9 +28,10 @@ from pipelines.tasks import render_group
 from storage.fs import join, write_retrying
 from storage.keys import output_key
 from storage.manifest import MANIFEST_COLUMNS
-from storage.params import BY_NAME, ROW_DEFAULTS, Limits, derive_seed
+from storage.params import BY_NAME, ROW_DEFAULTS, Limits, RowParams, derive_seed
 from storage.reasons import RowError
-from storage.results import RESULT_SCHEMA
+from storage.result_params import param_values
+from storage.results import RESULT_SCHEMA, relative_uri
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class Renderer:
     """A `map_batches` callable (pyarrow batches in, result batches out) holding loaded pipelines."""
 
     def __init__(self, config: RendererConfig):
+        from cluster.quiet import quiet_actor; quiet_actor()  # noqa: E702 - known-harmless warnings off (see cluster/quiet.py)
         self.config = config
         os.environ.update(config.env)
         quiet_hf_progress()
@@ -110,6 +112,8 @@ class Renderer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         loads_before = self.pool.loads
         rows = self.render_rows(batch.to_pylist())
+        for r in rows:  # the results table stores output URIs relative to OUT; render_rows' callers get absolute ones
+            r["output_uri"] = relative_uri(self.config.out, r.get("output_uri"))
         if rows:
             rows[0]["model_loads"] = self.pool.loads - loads_before
         results = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
@@ -131,7 +135,7 @@ class Renderer:
                 checked.append(done)
         groups: dict[tuple, list[Job]] = defaultdict(list)
         for c in checked:
-            job, results[c.index] = self._attempt(rows[c.index], self._complete, c)
+            job, results[c.index] = self._attempt(rows[c.index], self._complete, c, params=c.params)
             if job is not None:
                 groups[job.group].append(job)
         for jobs in groups.values():
@@ -142,17 +146,19 @@ class Renderer:
     def _complete(self, checked: Checked) -> Job:
         return self.rows.complete(checked, self.pool.stages(checked.entry)[0])
 
-    def _attempt(self, row: dict[str, Any], step: Any, *args: Any) -> tuple[Any, dict[str, Any] | None]:
+    def _attempt(self, row: dict[str, Any], step: Any, *args: Any, params: RowParams | None = None
+                 ) -> tuple[Any, dict[str, Any] | None]:
         """One preparation step for a row: (its value, None), or (None, the row's final result)."""
         try:
             return step(*args), None
         except Filtered as e:
-            return None, self._result(row, status="filtered", filter_reason=e.reason)
+            return None, self._result(row, status="filtered", params=params, filter_reason=e.reason)
         except RowError as e:
-            return None, self._result(row, status="failed", error=str(e))
+            return None, self._result(row, status="failed", params=params, error=str(e))
         except Exception as e:  # noqa: BLE001 - never lose the row
             log.exception("cannot prepare row %r", row.get("id"))
-            return None, self._result(row, status="failed", error=f"internal_error: {type(e).__name__}: {e}")
+            return None, self._result(row, status="failed", params=params,
+                                      error=f"internal_error: {type(e).__name__}: {e}")
 
     # -- rendering -------------------------------------------------------------------------
 
@@ -226,9 +232,13 @@ class Renderer:
             prompt=p.prompt, include_prompt=self.catalog.safety.include_prompt,
         )
 
-    def _result(self, row: dict[str, Any], status: str, job: Job | None = None, **fields: Any) -> dict[str, Any]:
+    def _result(self, row: dict[str, Any], status: str, job: Job | None = None, params: RowParams | None = None,
+                **fields: Any) -> dict[str, Any]:
         # Raw values only where they fit the results schema: a failed row's bad value is in its error.
+        # The seed is always set: the row's own, else the id-derived one the render would have used.
         seed = row.get("seed")
+        if job is not None:
+            params = job.params
         result = {
             "id": row.get("id"),
             "task": row.get("task") or "image",
@@ -238,9 +248,14 @@ class Renderer:
             "width": row.get("width") if _fits(row.get("width"), 2**31) else None,
             "height": row.get("height") if _fits(row.get("height"), 2**31) else None,
             "worker": self.worker,
+            # The call parameters as resolved (defaults applied); a row that failed before resolving keeps
+            # the raw values that fit their columns.
+            **param_values(row if params is None else params),
         }
         if job is not None:
             result.update(model=job.entry.name, seed=job.params.seed, width=job.width, height=job.height)
+        elif params is not None:
+            result.update(seed=params.seed)
         result.update(fields)
         return result
 

@@ -48,6 +48,9 @@ def resume_command(argv: list[str]) -> str:
 
 def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", help="model catalog YAML (default: the tiny random-weight catalog)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show every third-party warning and Ray's INFO lines (default: known-harmless ones hidden; "
+                        "the driver's full log, its warnings included, is in OUT/logs/RUN_ID.log either way)")
     p.add_argument("--max-failed-fraction", type=_fraction, default=0.0, metavar="F",
                    help=f"exit 0 despite failed rows while failed/total <= F, else {EXIT_ROWS_FAILED}")
     p.add_argument("--workers", type=int, help="render actors (default: one per GPU, or CPUs/2)")
@@ -126,7 +129,7 @@ def _require_results(out: str) -> None:
     if not is_s3(out) and not os.path.exists(out):
         raise UsageError(f"{out}: no such folder; give the --out of a render")
     if not has_results(out):
-        raise UsageError(f"{out}: no results here (no part-*.parquet under {results_dir(out)}); "
+        raise UsageError(f"{out}: no results here (nothing under {results_dir(out)}); "
                          "give the --out of a render")
 
 
@@ -343,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("RENDERFLEET_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    if hasattr(args, "verbose"):  # jobs that render: quiet terminal, full log file (cluster/quiet.py)
+        from cluster.quiet import quiet_driver
+
+        quiet_driver(verbose=args.verbose)
     try:
         return args.func(args)
     except UsageError as e:

@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from storage.fs import is_s3, join, list_files, read_bytes, write_bytes
-from storage.results import error_code
+from storage.results import absolute_uri, error_code
 
 THUMBS = "report-thumbs"
 DATA_FILE = "report-data.js"
@@ -77,7 +77,7 @@ def ensure_thumb(out: str, row: dict[str, Any], kind: str, have: set[str]) -> st
     target = join(out, rel)
     if name in have:
         return rel
-    uri = row["output_uri"]
+    uri = absolute_uri(out, row["output_uri"])
     try:
         thumb = _thumb_bytes(read_bytes(uri), kind, uri.rsplit(".", 1)[-1].lower())
     except Exception:  # noqa: BLE001 - a missing or broken output shows as a card without a picture
@@ -94,7 +94,7 @@ def _record(out: str, row: dict[str, Any], has_prompt: bool) -> dict[str, Any]:
         "reason": error_code(row.get("error")) if row["status"] == "failed" else (row.get("filter_reason") or "").split(":")[0],
         "error": row.get("error") or row.get("filter_reason") or "", "seed": row.get("seed"),
         "size": f"{width}x{height}" if width and height else "", "kind": kind,
-        "href": relative_link(out, row.get("output_uri")) if row["status"] == "ok" else None, "thumb": None,
+        "href": relative_link(out, absolute_uri(out, row.get("output_uri"))) if row["status"] == "ok" else None, "thumb": None,
     }
     if has_prompt:
         record["prompt"] = row.get("prompt") or ""

@@ -24,10 +24,11 @@ from pipelines.tiny import default_catalog_path
 from storage.fs import is_s3, join, store_errors, write_bytes
 from storage.manifest import check_files, check_ids, check_schema, open_manifest
 from storage.params import Limits
-from storage.results import (DEFAULT_DEADLINE_S, JobStopped, ResultsUnavailable, ResultsWriter, describe,
+from storage.results import (DEFAULT_DEADLINE_S, JobStopped, ResultsUnavailable, ResultsWriter, compact, describe,
                              error_code, finished_ids, new_run_id, remove_stray_parts, results_dir)
 from jobs.exits import EXIT_OK, EXIT_ROWS_FAILED
-from jobs.progress import Progress
+from jobs.progress import Progress, Rate
+from cluster.quiet import log_to_file
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +67,17 @@ class JobReport:
     results: str
     first_output_s: float | None = None
     model_loads: int = 0
+    rate: Rate | None = None  # jobs.progress.Rate, the one definition; None when nothing was left to do
+    log: str | None = None  # the driver's log file
 
     @property
-    def rendered_per_s(self) -> float:
-        return self.counts.get("ok", 0) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+    def rows_per_s(self) -> float:
+        return self.rate.rows_per_s if self.rate else 0.0
 
     @property
-    def steady_per_s(self) -> float:
-        """Images per second once the first output arrived (start-up and model loads excluded)."""
-        span = self.elapsed_s - (self.first_output_s or 0.0)
-        done = sum(self.counts.values())
-        return (done - 1) / span if span >= 1.0 and done > 1 else self.rendered_per_s
+    def images_per_s(self) -> float:
+        return self.rate.images_per_s if self.rate else 0.0
+
 
     @property
     def failed(self) -> int:
@@ -106,13 +107,19 @@ class JobReport:
         lines = [
             f"rows: {self.total} in manifest, {self.skipped} skipped (already done), "
             f"{c.get('ok', 0)} ok, {c.get('failed', 0)} failed, {c.get('filtered', 0)} filtered",
-            f"speed: {self.rendered_per_s:.2f} images/s over {self.elapsed_s:.1f} s "
-            f"({self.steady_per_s:.2f} rows/s after the first output at {self.first_output_s or 0:.1f} s)",
         ]
+        if not sum(c.values()):
+            lines.append(f"nothing to do: {self.skipped} rows already final")
+        else:
+            lines.append(f"speed: {self.rate.text() if self.rate else '-'} in {self.elapsed_s:.1f} s, "
+                         f"first output at {self.first_output_s or 0:.1f} s"
+                         + ("" if self.rate and self.rate.steady else " (too short to measure after it)"))
         lines.append(f"model loads: {self.model_loads}")
         if self.failures:
             lines.append("failures: " + ", ".join(f"{k}={v}" for k, v in self.failures.items()))
         lines += [f"outputs: {self.out}", f"results: {self.results}"]
+        if self.log:
+            lines.append(f"log: {self.log}")
         return lines
 
 
@@ -139,6 +146,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
     JobStopped (after stopping the actors) when results cannot be written for `results_deadline_s`."""
     # Actors may run elsewhere, in another working directory: local paths go absolute.
     manifest, out = (m if is_s3(m) else os.path.abspath(m) for m in (job.manifest, job.out))
+    run_id = new_run_id()  # names this run's results parts, summary and log
     catalog_path = os.path.abspath(resolve_catalog(job.catalog, stream))
     catalog = Catalog.load(catalog_path)  # a malformed catalog fails here, not in every actor
     if catalog.safety.prompt_policy:
@@ -151,6 +159,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
     check_files(dataset)
     ids = dataset.to_table(columns=["id"])["id"]
     check_ids(ids)
+    run_log = None if is_s3(out) else log_to_file(os.path.join(out, "logs", f"{run_id}.log"))  # a usable manifest: OUT is ours
     remove_stray_parts(out, started=time.time())  # temporaries of a killed earlier run; a live writer's are newer
     finished = finished_ids(out)
     skipped = (pc.sum(pc.is_in(ids, value_set=finished)).as_py() or 0) if len(finished) else 0
@@ -162,7 +171,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
     if pending:
         connect(job.address)
         plan = plan_workers(ray.cluster_resources(), job.workers, job.gpus_per_worker)
-        writer_run_id = new_run_id()
+        writer_run_id = run_id
         config = RendererConfig(
             catalog_path=catalog_path,
             out=out,
@@ -221,10 +230,22 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
         results=results_dir(out),
         first_output_s=progress.first_s if pending else None,
         model_loads=model_loads,
+        rate=progress.rate(progress.elapsed_s) if pending and sum(counts.values()) else None,
+        log=run_log,
     )
     if pending:
         record_run(out, writer.run_id, report, plan.workers)
+    compact_results(out)
     return report
+
+
+def compact_results(out: str) -> None:
+    """Rewrites OUT/results/results.parquet, one row per id; a failing store only warns (the log parts hold every row)."""
+    try:
+        compact(out)
+    except store_errors() as e:
+        log.warning("cannot compact the results under %s (they stay readable through read_results): %s",
+                    results_dir(out), describe(e))
 
 
 def close_batches(batches: object) -> None:
@@ -243,7 +264,7 @@ def record_run(out: str, run_id: str, report: JobReport, workers: int) -> None:
     summary = {
         "run_id": run_id, "manifest_total": report.total, "rendered": sum(report.counts.values()), "counts": report.counts,
         "failures": report.failures, "skipped": report.skipped, "elapsed_s": report.elapsed_s,
-        "rows_per_s": report.rendered_per_s, "steady_rows_per_s": report.steady_per_s,
+        "rows_per_s": report.rows_per_s, "images_per_s": report.images_per_s,
         "model_loads": report.model_loads, "workers": workers,
     }
     try:

@@ -46,11 +46,11 @@ def _throughput(out: str) -> list[str]:
     runs = _runs(out)
     if not runs:
         return []
-    parts = ["<h2>Throughput</h2><table><tr><th>run</th><th>rows rendered</th><th>elapsed s</th><th>rows/s</th>"
-             "<th>rows/s after first output</th><th>model loads</th><th>workers</th></tr>"]
+    parts = ["<h2>Throughput</h2><table><tr><th>run</th><th>rows rendered</th><th>elapsed s</th><th>rows/s (after the first output)</th>"
+             "<th>images/s</th><th>model loads</th><th>workers</th></tr>"]
     for r in sorted(runs, key=lambda r: r.get("run_id", "")):
         parts.append(f"<tr><td>{html.escape(str(r.get('run_id')))}</td><td>{r.get('rendered', 0)}</td><td>{r.get('elapsed_s', 0):.1f}</td>"
-                     f"<td>{r.get('rows_per_s', 0):.2f}</td><td>{r.get('steady_rows_per_s', 0):.2f}</td>"
+                     f"<td>{r.get('rows_per_s', 0):.2f}</td><td>{r.get('images_per_s', 0):.2f}</td>"
                      f"<td>{r.get('model_loads', 0)}</td><td>{html.escape(str(r.get('workers', '')))}</td></tr>")
     parts.append("</table>")
     return parts

@@ -1,4 +1,5 @@
-"""The results dataset: one row per manifest row, appended as Parquet parts under OUT/results/.
+"""The results dataset: one row per manifest row, appended as Parquet parts under OUT/results/_log/ and
+compacted into OUT/results/results.parquet (one row per id) when a run ends.
 
 Parts are written whole (atomic rename locally, one PUT on S3), so a killed job leaves
 only complete files. A row may appear more than once (a retried failure, or a kill
@@ -22,7 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.fs import Backoff, delete, join, list_files, read_bytes, store_errors, stray_temp_files, write_bytes
+from storage.fs import Backoff, delete, is_s3, join, list_files, read_bytes, store_errors, stray_temp_files, write_bytes
+from storage.result_params import PARAM_FIELDS, param_values  # noqa: F401 - part of this module's API
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ RESULT_SCHEMA = pa.schema(
         ("id", pa.string()),
         ("task", pa.string()),
         ("status", pa.string()),
-        ("output_uri", pa.string()),
+        ("output_uri", pa.string()),  # relative to OUT: open it with absolute_uri(OUT, output_uri)
         ("sha256", pa.string()),
         ("error", pa.string()),
         ("seed", pa.int64()),
@@ -49,12 +51,42 @@ RESULT_SCHEMA = pa.schema(
         ("safety_action", pa.string()),  # block | blur | flag, for flagged outputs
         ("watermark", pa.string()),  # embedded | skipped_small | disabled | not_applicable
         ("c2pa", pa.string()),  # signed | unsigned: why | not_applicable
+        *PARAM_FIELDS,
     ]
 )
 
 
+COMPACTED = "results.parquet"  # OUT/results/results.parquet: one row per id, rewritten whole when a run ends
+LOG_DIR = "_log"  # OUT/results/_log/part-*.parquet: what runs append; `_` hides it from dataset readers
+
+
 def results_dir(out: str) -> str:
+    """OUT/results/: the compacted table, what pandas, Arrow and Spark read as a dataset; runs append under _log/."""
     return join(out, "results")
+
+
+def log_dir(out: str) -> str:
+    return join(out, "results", LOG_DIR)
+
+
+def relative_uri(out: str, uri: str | None) -> str | None:
+    """An output's URI as the results table stores it: relative to OUT (`image/ab/id.png`), so a moved or
+    copied OUT keeps working; a URI outside OUT stays as it is."""
+    if not uri:
+        return uri
+    base = join(out).rstrip("/") + "/"
+    target = uri if is_s3(uri) else os.path.abspath(uri)
+    return target[len(base):] if target.startswith(base) else uri
+
+
+def absolute_uri(out: str, relative: str | None) -> str | None:
+    """Where a results row's `output_uri` lies: joined onto OUT (local folder or s3:// prefix). Absolute URIs
+    (rows written before output URIs became relative) are returned as they are."""
+    if not relative:
+        return None
+    if is_s3(relative) or os.path.isabs(relative) or "://" in relative:
+        return relative
+    return join(out, relative)
 
 
 def new_run_id() -> str:
@@ -191,7 +223,7 @@ class ResultsWriter:
         self._buffer = [table]
         sink = io.BytesIO()
         pq.write_table(table, sink)
-        uri = join(results_dir(self.out), f"part-{self.run_id}-{self._seq:06d}.parquet")
+        uri = join(log_dir(self.out), f"part-{self.run_id}-{self._seq:06d}.parquet")
         try:
             write_bytes(uri, sink.getvalue())
         except store_errors() as e:
@@ -222,16 +254,28 @@ class ResultsWriter:
 
 def remove_stray_parts(out: str, started: float) -> list[str]:
     """Deletes temporary results parts that a killed writer left (ours by name, older than `started`)."""
-    stray = stray_temp_files(results_dir(out), older_than=started, prefix="part-")
+    stray = [*stray_temp_files(results_dir(out), older_than=started, prefix="part-"),
+             *stray_temp_files(results_dir(out), older_than=started, prefix=COMPACTED),
+             *stray_temp_files(log_dir(out), older_than=started, prefix="part-")]
     for path in stray:
         delete(path)
     return stray
 
 
+def _result_files(out: str) -> tuple[list[str], list[str], list[str]]:
+    """(parts left directly in results/ by older versions, the compacted table if any, the log parts)."""
+    top, log = results_dir(out), log_dir(out)
+    files = list_files(top, suffix=".parquet")
+    named = lambda folder: sorted((u for u in files if os.path.dirname(u) == folder  # noqa: E731
+                                   and os.path.basename(u).startswith("part-")), key=os.path.basename)
+    return named(top), [u for u in files if u == join(top, COMPACTED)], named(log)
+
+
 def _read_parts(out: str) -> pa.Table | None:
-    parts = [u for u in list_files(results_dir(out), suffix=".parquet") if os.path.basename(u).startswith("part-")]
+    """Every recorded row, oldest first: legacy parts, then the compacted table, then the log (later rows win)."""
+    legacy, compacted, log_parts = _result_files(out)
     tables = []
-    for uri in sorted(parts, key=os.path.basename):
+    for uri in [*legacy, *compacted, *log_parts]:
         tables.append(pq.read_table(io.BytesIO(read_bytes(uri))))
     if not tables:
         return None
@@ -257,6 +301,27 @@ def read_results(out: str) -> pa.Table:
         first = pa.array([True] * len(ids), pa.bool_())
     best = ranked.filter(first)
     return table.take(best.take(pc.sort_indices(best)))
+
+
+def compact(out: str) -> str | None:
+    """Rewrites OUT/results/results.parquet as `read_results(out)`: one row per id, the final row winning.
+
+    Written whole (temporary name and rename locally, one PUT on S3), so a reader sees the old table or the
+    new one; the log parts stay, so a killed compaction loses nothing and running it again gives the same
+    table (idempotent). Parts an older version left directly in results/ are folded in, then removed, so
+    a dataset read of results/ sees each id once. Runs on the driver (the whole table in memory).
+    """
+    legacy, compacted, log_parts = _result_files(out)
+    if not (legacy or compacted or log_parts):
+        return None
+    table = read_results(out)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    uri = join(results_dir(out), COMPACTED)
+    write_bytes(uri, sink.getvalue())
+    for part in legacy:  # their rows are in the compacted table now
+        delete(part)
+    return uri
 
 
 def finished_ids(out: str) -> pa.Array:
@@ -299,7 +364,7 @@ def has_results(out: str) -> bool:
         parts = list_files(results_dir(out), suffix=".parquet")
     except FileNotFoundError:  # a missing S3 bucket
         return False
-    return any(os.path.basename(u).startswith("part-") for u in parts)
+    return any(os.path.basename(u).startswith("part-") or os.path.basename(u) == COMPACTED for u in parts)
 
 
 def latest_run(out: str) -> dict | None:

@@ -16,7 +16,7 @@ from helpers import probe_video
 from jobs.render import RenderJob, run
 from storage.fs import join, write_bytes
 from storage.params import Limits
-from storage.results import read_results
+from storage.results import absolute_uri, read_results
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -112,7 +112,8 @@ def family_run(tmp_path_factory, tiny_catalog, ray_cluster):
     out = str(folder / "out")
     report = run(RenderJob(str(folder / "manifest.parquet"), out, catalog=tiny_catalog, workers=2, batch_size=8,
                            address=ray_cluster, limits=Limits(max_input_pixels=150 * 150)))
-    return report, {r["id"]: r for r in read_results(out).to_pylist()}
+    # output_uri is relative to OUT in the results table; these tests open the files.
+    return report, {r["id"]: {**r, "output_uri": absolute_uri(out, r["output_uri"])} for r in read_results(out).to_pylist()}
 
 
 def test_every_family_renders(family_run):

@@ -20,7 +20,7 @@ from jobs.render import RenderJob, run
 from jobs.report import write_report
 from jobs.verify import verify
 from pipelines.media.watermark import WatermarkConfig
-from storage.results import RESULT_SCHEMA, ResultsWriter, read_results
+from storage.results import RESULT_SCHEMA, ResultsWriter, absolute_uri, read_results
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -58,7 +58,7 @@ def test_demo_gallery_opens_in_chromium(tmp_path, tiny_catalog, ray_cluster):
     tasks = {r["task"] for r in results}
     assert report.counts.get("failed", 0) == 0 and tasks == {"image", "edit", "video", "mesh", "audio"}
     # The demo's images and videos verify: 256 px outputs carry the mark, the few fixed-size ones are unmarked_small.
-    verdicts = {r["id"]: verify(r["output_uri"], WatermarkConfig()) for r in results if r["task"] in ("image", "edit", "video")}
+    verdicts = {r["id"]: verify(absolute_uri(out, r["output_uri"]), WatermarkConfig()) for r in results if r["task"] in ("image", "edit", "video")}
     assert all(v.ok for v in verdicts.values()), {i: v.summary for i, v in verdicts.items() if not v.ok}
     marked = {i for i, v in verdicts.items() if v.status == "watermarked"}
     assert {i for i, v in verdicts.items() if v.status != "watermarked"} <= {"class-cm", "cascade-if"}
@@ -105,7 +105,7 @@ def _png(i: int) -> bytes:
 
 def _big_results(out: str, n: int) -> dict[str, int]:
     """n result rows (ok, failed by two reasons, filtered) with a carried prompt column; returns counts."""
-    schema = RESULT_SCHEMA.append(pa.field("prompt", pa.string()))
+    schema = RESULT_SCHEMA  # prompt is a results column
     writer = ResultsWriter(out, flush_rows=n + 1)
     rows, counts = [], {"ok": 0, "filtered": 0, **{r: 0 for r in REASONS.values()}}
     for i in range(n):
@@ -124,7 +124,7 @@ def _big_results(out: str, n: int) -> dict[str, int]:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
                 f.write(data)
-            row.update(status="ok", output_uri=path, sha256=hashlib.sha256(data).hexdigest())
+            row.update(status="ok", output_uri=os.path.relpath(path, out), sha256=hashlib.sha256(data).hexdigest())
             counts["ok"] += 1
         rows.append(row)
     writer.add(pa.Table.from_pylist(rows, schema=schema))

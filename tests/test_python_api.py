@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from cluster.batch import render
+from storage.results import absolute_uri
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -32,6 +33,7 @@ def test_render_is_a_step_in_a_ray_data_pipeline(ray_cluster, tiny_catalog, tmp_
     for i in range(6):
         r = by_id[f"api-{i}"]
         assert r["status"] == "ok" and r["campaign"] == "spring"
-        assert r["output_uri"].startswith(out) and os.path.isfile(r["output_uri"])
-        with open(r["output_uri"], "rb") as f:
+        path = absolute_uri(out, r["output_uri"])
+        assert not os.path.isabs(r["output_uri"]) and path.startswith(out) and os.path.isfile(path)
+        with open(path, "rb") as f:
             assert hashlib.sha256(f.read()).hexdigest() == r["sha256"]

@@ -15,7 +15,7 @@ from jobs.render import RenderJob, run
 from storage.fs import read_bytes
 from storage.manifest import ManifestError
 from storage.params import Limits, derive_seed
-from storage.results import read_results
+from storage.results import absolute_uri, read_results
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -58,8 +58,8 @@ def test_local_end_to_end_with_bad_rows_and_carried_columns(tmp_path, tiny_catal
     for r in records:
         res = results[r["id"]]
         assert res["status"] == "ok" and res["campaign"] == "spring"
-        assert res["output_uri"].startswith(out + "/image/")
-        data = read_bytes(res["output_uri"])
+        assert res["output_uri"].startswith("image/")  # relative to OUT
+        data = read_bytes(absolute_uri(out, res["output_uri"]))
         import hashlib
 
         assert hashlib.sha256(data).hexdigest() == res["sha256"]
@@ -79,7 +79,7 @@ def test_unsafe_ids_stay_inside_out(tmp_path, tiny_catalog, ray_cluster):
     out = tmp_path / "out"
     report = run(RenderJob(manifest, str(out), catalog=tiny_catalog, workers=1, address=ray_cluster))
     assert report.counts == {"ok": len(ids)}
-    uris = [r["output_uri"] for r in read_results(str(out)).to_pylist()]
+    uris = [absolute_uri(str(out), r["output_uri"]) for r in read_results(str(out)).to_pylist()]
     assert len(set(uris)) == len(ids)
     for u in uris:
         assert os.path.realpath(u).startswith(str(out.resolve()) + "/image/") and os.path.exists(u)
@@ -109,8 +109,8 @@ def test_s3_end_to_end(s3_server, tiny_catalog, ray_cluster):
     results = read_results(out)
     assert results.num_rows == 6
     for r in results.to_pylist():
-        assert r["output_uri"].startswith(f"{out}/image/")
-        assert Image.open(io.BytesIO(read_bytes(r["output_uri"]))).size == (64, 64)
+        assert r["output_uri"].startswith("image/")
+        assert Image.open(io.BytesIO(read_bytes(absolute_uri(out, r["output_uri"])))).size == (64, 64)
     again = run(RenderJob(manifest, out, catalog=tiny_catalog, workers=2, address=ray_cluster))
     assert again.skipped == 6 and again.counts == {}
 
@@ -135,7 +135,7 @@ def test_parity_with_direct_diffusers_call(tmp_path, tiny_catalog, ray_cluster):
     # Alone, same thread count: bit-identical.
     alone = write_manifest(str(tmp_path / "alone.parquet"), [{"id": "solo", "prompt": "a red fox", "seed": 1234, **params}])
     run(RenderJob(alone, str(tmp_path / "o1"), catalog=tiny_catalog, workers=1, torch_threads=1, address=ray_cluster))
-    got = np.asarray(Image.open(read_results(str(tmp_path / "o1"))["output_uri"][0].as_py()))
+    got = np.asarray(Image.open(absolute_uri(str(tmp_path / "o1"), read_results(str(tmp_path / "o1"))["output_uri"][0].as_py())))
     expected = direct_render(model_dir, "a red fox", 1234, 1, **params)
     assert np.array_equal(got, expected)
     # Batched with other rows, seed derived from the id: within +-1 per channel.
@@ -145,6 +145,6 @@ def test_parity_with_direct_diffusers_call(tmp_path, tiny_catalog, ray_cluster):
                   address=ray_cluster))
     res = by_id(read_results(str(tmp_path / "o2")))
     for r in rows:
-        got = np.asarray(Image.open(res[r["id"]]["output_uri"])).astype(int)
+        got = np.asarray(Image.open(absolute_uri(str(tmp_path / "o2"), res[r["id"]]["output_uri"]))).astype(int)
         expected = direct_render(model_dir, r["prompt"], derive_seed(r["id"]), 1, **params).astype(int)
         assert np.abs(got - expected).max() <= 1

@@ -14,7 +14,7 @@ import pytest
 
 from helpers import write_manifest
 from storage.fs import list_files
-from storage.results import _read_parts, read_results, results_dir
+from storage.results import _read_parts, log_dir, read_results, results_dir
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -61,7 +61,7 @@ def test_resume_after_sigkill(tmp_path, tiny_catalog, ray_cluster):
     assert statuses == {"ok": ROWS - 1, "failed": 1}
     # Rows already ok were not rendered again: the second run's parts (named by its run id) hold none of them.
     by_run: dict[str, set[str]] = {}
-    for uri in list_files(results_dir(out), suffix=".parquet"):
+    for uri in list_files(log_dir(out), suffix=".parquet"):
         run_id = os.path.basename(uri)[len("part-"):].rsplit("-", 1)[0]
         by_run.setdefault(run_id, set()).update(pq.read_table(uri)["id"].to_pylist())
     assert len(by_run) == 2
@@ -69,3 +69,9 @@ def test_resume_after_sigkill(tmp_path, tiny_catalog, ray_cluster):
     assert done_before <= by_run[first_run]
     assert not (by_run[second_run] & done_before)
     assert by_run[second_run] | done_before == {r["id"] for r in records}
+    # The finished run compacted OUT/results/: any Parquet reader sees one row per id there, the log hidden.
+    import pandas as pd
+
+    frame = pd.read_parquet(results_dir(out))
+    assert len(frame) == ROWS and frame["id"].is_unique and frame["seed"].dtype == "int64"
+    assert Counter(frame["status"]) == {"ok": ROWS - 1, "failed": 1}

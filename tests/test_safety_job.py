@@ -24,7 +24,7 @@ from jobs.render import RenderJob, run
 from pipelines.media.credentials import read_credentials
 from pipelines.media.provenance import read_metadata
 from pipelines.tiny.safety import set_checker_mode
-from storage.results import read_results
+from storage.results import absolute_uri, read_results
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -49,7 +49,8 @@ def safety_catalog(tiny_catalog: str, folder: Path, checker_mode: str, **safety)
 
 
 def by_id(out: str) -> dict:
-    return {r["id"]: r for r in read_results(out).to_pylist()}
+    # output_uri is relative to OUT in the results table; these tests open the files.
+    return {r["id"]: {**r, "output_uri": absolute_uri(out, r["output_uri"])} for r in read_results(out).to_pylist()}
 
 
 @pytest.fixture(scope="module")

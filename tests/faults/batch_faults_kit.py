@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from helpers import write_manifest
 from storage.fs import is_s3, read_bytes, split_s3
-from storage.results import FINAL_STATUSES, _read_parts, read_results
+from storage.results import FINAL_STATUSES, _read_parts, absolute_uri, read_results
 
 ROWS = 48
 SEED = 20261130
@@ -280,16 +280,16 @@ def check_outcome(case: str, out: str, ids: list[str], writes: Counter[str], sec
     extra = set(got) - set(ids)
     raw = _read_parts(out)
     recorded = Counter(raw["id"].to_pylist()) if raw is not None else Counter()
-    by_uri = {r["output_uri"]: r["id"] for r in results.to_pylist() if r["output_uri"]}
+    by_uri = {absolute_uri(out, r["output_uri"]): r["id"] for r in results.to_pylist() if r["output_uri"]}
     retried = {i for i, n in recorded.items() if n > 1} | {by_uri[u] for u, n in writes.items() if n > 1 and u in by_uri}
     for r in results.to_pylist():
         if r["status"] == "ok":
-            data = read_bytes(r["output_uri"])
+            data = read_bytes(absolute_uri(out, r["output_uri"]))
             assert hashlib.sha256(data).hexdigest() == r["sha256"], f"{r['id']}: output differs from its sha256"
     figures = Figures(case, "s3" if is_s3(out) else "local", len(ids), len(lost), duplicated, len(retried), seconds, notes)
     print(f"\n[faults] {figures.line()}", flush=True)
     assert not lost, f"lost: {lost[:10]}"
     assert not duplicated and not extra, f"duplicated or unknown ids: {extra or got.most_common(3)}"
     if not is_s3(out):
-        assert not list(Path(out, "results").glob(".part-*.tmp")), "a temporary results part was left behind"
+        assert not list(Path(out, "results").rglob(".part-*.tmp")), "a temporary results part was left behind"
     return figures
