@@ -18,7 +18,7 @@ from starlette.requests import Request
 
 from pipelines.media.formats import TASK_FORMATS
 from storage.params import BY_NAME, PARAMETERS, Limits, check_size
-from storage.fs import is_s3
+from storage.fs import is_remote
 from storage.reasons import REASONS, RowError, reason_of
 
 
@@ -118,7 +118,7 @@ _PATH = re.compile(r"s3://[^\s'\"]+|(?<![\w:/.~-])/(?:[\w.~-]+/)*[\w.~-]+")
 def public_message(message: str, uploads: dict[str, str] | None = None) -> str:
     """An error message fit for clients: uploads (uri -> form field) named by their field, other paths elided."""
     for uri, name in (uploads or {}).items():
-        for spelling in sorted({uri} if is_s3(uri) else {uri, os.path.realpath(uri)}, key=len, reverse=True):
+        for spelling in sorted({uri} if is_remote(uri) else {uri, os.path.realpath(uri)}, key=len, reverse=True):
             message = re.sub(rf"(?:{name}_uri:? )?'?{re.escape(spelling)}'?", name, message)
     return _PATH.sub("<path>", message)
 

@@ -14,7 +14,7 @@ from ray.data import ActorPoolStrategy, DataContext, Dataset
 from cluster.renderer import Renderer, RendererConfig, storage_env
 from cluster.resources import WorkerPlan, plan_workers
 from pipelines.catalog import Catalog
-from storage.fs import filesystem, is_s3
+from storage.fs import filesystem, is_remote
 
 
 def prepare_block(batch: pa.Table, finished: pa.Array) -> pa.Table:
@@ -59,7 +59,7 @@ def render(dataset: Dataset, catalog: str, out: str, *, workers: int | None = No
     (consume it, or `write_parquet` it). `options` are RendererConfig fields (limits, input_base, ...).
     """
     Catalog.load(catalog)  # a malformed catalog fails here, not in every actor
-    local = {"catalog_path": os.path.abspath(catalog), "out": out if is_s3(out) else os.path.abspath(out)}
+    local = {"catalog_path": os.path.abspath(catalog), "out": out if is_remote(out) else os.path.abspath(out)}
     config = RendererConfig(**local, env={**storage_env(), **options.pop("env", {})}, **options)
     plan = plan_workers(ray.cluster_resources(), workers, gpus_per_worker)
     if config.torch_threads is None:

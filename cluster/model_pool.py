@@ -22,7 +22,7 @@ from pipelines.catalog import Catalog, ModelEntry, renderfleet_home
 from pipelines.fingerprint import weights_hash
 from pipelines.loading import ModelLoadError, apply_policy, derive, load_base, load_controlnet, memory_bytes, pick_dtype
 from storage.cache import fetch_prefix
-from storage.fs import is_s3
+from storage.fs import is_remote
 from storage.reasons import RowError
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class ModelPool:
 
     def local(self, source: str) -> str:
         """A local dir or Hub id for a source (s3:// goes through the node's cache)."""
-        return str(fetch_prefix(source, self.cache_dir)) if is_s3(source) else source
+        return str(fetch_prefix(source, self.cache_dir)) if is_remote(source) else source
 
     def model_hash(self, entry: ModelEntry) -> str:
         """A content hash of the entry's weights, computed once per actor (cached beside local weights)."""

@@ -21,7 +21,7 @@ from pipelines.inputs import InputError, decode_image, edit_size
 from pipelines.loading import ModelLoadError, check_safetensors, default_size
 from pipelines.media.formats import TASK_FORMATS
 from pipelines.tasks import Request, call_parameters, takes_prompt
-from storage.fs import is_s3, join, read_bytes
+from storage.fs import is_remote, join, read_bytes
 from storage.keys import id_hash
 from storage.params import Limits, RowParams, check_size, resolve_row
 from storage.reasons import RowError
@@ -76,7 +76,7 @@ class RowChecker:
         self.pool = pool
         self.input_base = input_base
         # Local inputs may come only from under these folders, symlinks resolved.
-        self.roots = [os.path.realpath(r) for r in (input_base, *input_roots) if r and not is_s3(r)]
+        self.roots = [os.path.realpath(r) for r in (input_base, *input_roots) if r and not is_remote(r)]
 
     def check(self, index: int, row: dict[str, Any]) -> Checked:
         try:
@@ -160,14 +160,14 @@ class RowChecker:
 
     def _resolve_uri(self, uri: str, column: str) -> str:
         """The input's location: s3:// as given; local paths resolved (symlinks too) and kept under the roots."""
-        if is_s3(uri):
+        if is_remote(uri):
             return uri
         if not os.path.isabs(uri) and self.input_base:
             try:
                 uri = join(self.input_base, uri)
             except ValueError:  # '..' parts
                 raise RowError("input_not_allowed", f"{column} {uri!r} climbs out of the manifest's folder") from None
-            if is_s3(uri):  # relative to a manifest on S3
+            if is_remote(uri):  # relative to a manifest on S3
                 return uri
         real = os.path.realpath(uri)
         if not any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in self.roots):
@@ -197,7 +197,7 @@ class RowChecker:
 
     def _adapter_path(self, uri: str, column: str) -> str:
         """A LoRA or embedding file or folder, local or fetched, holding safetensors weights only."""
-        path = self.pool.local(uri) if is_s3(uri) else self._resolve_uri(uri, column)
+        path = self.pool.local(uri) if is_remote(uri) else self._resolve_uri(uri, column)
         if not os.path.exists(path):
             raise FileNotFoundError(uri)
         try:

@@ -123,10 +123,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _require_results(out: str) -> None:
     """Refuses (exit 2) a path that holds no results: a typo must not read as "0 rows" or create a folder."""
-    from storage.fs import is_s3
+    from storage.fs import is_remote
     from storage.results import has_results, results_dir
 
-    if not is_s3(out) and not os.path.exists(out):
+    if not is_remote(out) and not os.path.exists(out):
         raise UsageError(f"{out}: no such folder; give the --out of a render")
     if not has_results(out):
         raise UsageError(f"{out}: no results here (nothing under {results_dir(out)}); "

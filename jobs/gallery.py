@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from storage.fs import is_s3, join, list_files, read_bytes, write_bytes
+from storage.fs import is_remote, join, list_files, read_bytes, write_bytes
 from storage.results import absolute_uri, error_code
 
 THUMBS = "report-thumbs"
@@ -31,7 +31,7 @@ def relative_link(out: str, uri: str | None) -> str | None:
     """`uri` relative to OUT when it lies under OUT (a moved folder keeps working), else an absolute link."""
     if not uri:
         return None
-    if is_s3(uri) or is_s3(out):
+    if is_remote(uri) or is_remote(out):
         base = out.rstrip("/") + "/"
         return uri[len(base):] if uri.startswith(base) else uri
     root, path = os.path.abspath(out), os.path.abspath(uri)

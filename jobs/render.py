@@ -21,7 +21,7 @@ from cluster.runtime import connect
 from pipelines.catalog import Catalog, CatalogError
 from pipelines.policy import PromptPolicy
 from pipelines.tiny import default_catalog_path
-from storage.fs import is_s3, join, store_errors, write_bytes
+from storage.fs import is_remote, join, store_errors, write_bytes
 from storage.manifest import check_files, check_ids, check_schema, open_manifest
 from storage.params import Limits
 from storage.results import (DEFAULT_DEADLINE_S, JobStopped, ResultsUnavailable, ResultsWriter, compact, describe,
@@ -125,9 +125,9 @@ class JobReport:
 
 def manifest_folder(manifest: str) -> str:
     """Where relative input URIs in the manifest point from: its folder (or itself, for a dataset folder)."""
-    if not is_s3(manifest) and os.path.isdir(manifest):
+    if not is_remote(manifest) and os.path.isdir(manifest):
         return manifest
-    if is_s3(manifest) and not manifest.endswith(".parquet"):
+    if is_remote(manifest) and not manifest.endswith(".parquet"):
         return manifest
     return manifest.rsplit("/", 1)[0]
 
@@ -145,7 +145,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
     """Runs the job to completion; raises ManifestError before rendering when the manifest is unusable, and
     JobStopped (after stopping the actors) when results cannot be written for `results_deadline_s`."""
     # Actors may run elsewhere, in another working directory: local paths go absolute.
-    manifest, out = (m if is_s3(m) else os.path.abspath(m) for m in (job.manifest, job.out))
+    manifest, out = (m if is_remote(m) else os.path.abspath(m) for m in (job.manifest, job.out))
     run_id = new_run_id()  # names this run's results parts, summary and log
     catalog_path = os.path.abspath(resolve_catalog(job.catalog, stream))
     catalog = Catalog.load(catalog_path)  # a malformed catalog fails here, not in every actor
@@ -159,7 +159,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
     check_files(dataset)
     ids = dataset.to_table(columns=["id"])["id"]
     check_ids(ids)
-    run_log = None if is_s3(out) else log_to_file(os.path.join(out, "logs", f"{run_id}.log"))  # a usable manifest: OUT is ours
+    run_log = None if is_remote(out) else log_to_file(os.path.join(out, "logs", f"{run_id}.log"))  # a usable manifest: OUT is ours
     remove_stray_parts(out, started=time.time())  # temporaries of a killed earlier run; a live writer's are newer
     finished = finished_ids(out)
     skipped = (pc.sum(pc.is_in(ids, value_set=finished)).as_py() or 0) if len(finished) else 0

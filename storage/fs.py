@@ -49,6 +49,11 @@ def is_s3(uri: str) -> bool:
     return isinstance(uri, str) and uri.startswith(S3_SCHEME)
 
 
+def is_remote(uri: str) -> bool:
+    """A store URI (``scheme://...``) rather than a local path."""
+    return is_s3(uri)
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     """``"s3://b/k/x"`` -> ``("b", "k/x")``; ``"s3://b"`` -> ``("b", "")``."""
     if not is_s3(uri):

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.fs import Backoff, delete, is_s3, join, list_files, read_bytes, store_errors, stray_temp_files, write_bytes
+from storage.fs import Backoff, delete, is_remote, join, list_files, read_bytes, store_errors, stray_temp_files, write_bytes
 from storage.result_params import PARAM_FIELDS, param_values  # noqa: F401 - part of this module's API
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def relative_uri(out: str, uri: str | None) -> str | None:
     if not uri:
         return uri
     base = join(out).rstrip("/") + "/"
-    target = uri if is_s3(uri) else os.path.abspath(uri)
+    target = uri if is_remote(uri) else os.path.abspath(uri)
     return target[len(base):] if target.startswith(base) else uri
 
 
@@ -84,7 +84,7 @@ def absolute_uri(out: str, relative: str | None) -> str | None:
     (rows written before output URIs became relative) are returned as they are."""
     if not relative:
         return None
-    if is_s3(relative) or os.path.isabs(relative) or "://" in relative:
+    if is_remote(relative) or os.path.isabs(relative) or "://" in relative:
         return relative
     return join(out, relative)
 
