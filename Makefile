@@ -13,6 +13,10 @@ setup:
 test-deps:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
+	@# The az:// tests run Azurite (npm), installed into the git-ignored .ci/azurite (3.35: the last release declaring Node < 21 support).
+	@command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null)
+	@test -x .ci/azurite/node_modules/.bin/azurite-blob || \
+	  npm install --prefix .ci/azurite --no-audit --no-fund --loglevel=error azurite@3.35.0 >/dev/null
 
 demo: setup
 	$(PY) -m jobs.cli demo
@@ -21,4 +25,4 @@ test: setup test-deps
 	$(PY) -m pytest -q --durations=15 -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) -m bench.throughput
+	$(PY) -m jobs.cli bench

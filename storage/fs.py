@@ -1,17 +1,18 @@
-"""One way to address local paths and ``s3://bucket/key`` URIs.
+"""One way to address local paths and store URIs (``s3://``, ``gs://``, ``az://``/``abfs://``, ``hf://``).
 
 Everything that reads or writes job inputs, outputs or models goes through these
-helpers, so a job runs the same against a local directory or an S3 bucket.
-S3 settings come from the usual AWS environment variables (``AWS_ENDPOINT_URL``
-for S3-compatible servers such as MinIO or SeaweedFS).
+helpers, so a job runs the same against a local directory or any store. S3 goes
+through boto3 (storage.s3), the others through pyarrow's filesystems (storage.stores);
+settings come from each store's usual environment variables (``AWS_ENDPOINT_URL``,
+``STORAGE_EMULATOR_HOST``, ``AZURE_STORAGE_*``...).
 
-Directory semantics: on S3 a "directory" ``s3://b/runs/x`` means every key under
+Directory semantics: in a store a "directory" ``s3://b/runs/x`` means every key under
 ``runs/x/``, so ``list_files("s3://b/runs/x")`` never picks up ``runs/x2/...``.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
-import functools
 import os
 import posixpath
 import random
@@ -19,26 +20,18 @@ import re
 import stat
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from typing import Any
 
 import pyarrow.fs as pafs
 
+from storage import stores
+from storage.s3 import MAX_ATTEMPTS, s3_client, s3_filesystem  # noqa: F401 - re-exported
+
 S3_SCHEME = "s3://"
-MAX_ATTEMPTS = 10  # standard-mode retries with backoff: SlowDown, throttling, 5xx, connection errors
 _PAGE_SIZE = 1000  # keys per ListObjectsV2 page (tests lower it to exercise pagination)
 
-# Environment variables that decide which S3 client/filesystem we build.
-_ENV_KEYS = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_PROFILE",
-)
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
 
 
@@ -50,8 +43,17 @@ def is_s3(uri: str) -> bool:
 
 
 def is_remote(uri: str) -> bool:
-    """A store URI (``scheme://...``) rather than a local path."""
-    return is_s3(uri)
+    """A store URI (``scheme://...``) rather than a local path; an unsupported scheme counts too, so that it
+    fails as a store (ValueError naming the supported ones) instead of becoming a local folder."""
+    return stores.scheme(uri) is not None
+
+
+def check_uri(uri: str, what: str, write: bool = False) -> None:
+    """ValueError unless ``uri`` is a local path or a supported store URI (writable, for ``write``)."""
+    if is_s3(uri):
+        split_s3(uri)
+        return
+    stores.check_uri(uri, what, write)
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -80,68 +82,20 @@ def join(base: str, *parts: str) -> str:
     if is_s3(base):
         bucket, key = split_s3(base)
         return S3_SCHEME + "/".join([bucket] + [s for s in key.split("/") if s] + segs)
+    if is_remote(base):
+        loc = stores.locate(base)
+        return loc.uri("/".join([s for s in loc.key.split("/") if s] + segs))
     return os.path.join(os.path.abspath(base), *segs)
 
 
-# ------------------------------------------------------------------- S3 clients
-
-
-def _env() -> tuple:
-    # The pid is part of the key: clients and connection pools must not be shared across fork().
-    return (os.getpid(),) + tuple(os.environ.get(k) for k in _ENV_KEYS)
-
-
-def _endpoint() -> str | None:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def _region() -> str:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-
-
-def s3_client():
-    """A boto3 S3 client configured from the environment, cached per process and env."""
-    return _cached_client(_env())
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_client(_key: tuple):
-    import boto3
-    from botocore.config import Config
-
-    endpoint = _endpoint()
-    config = Config(
-        retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
-        # S3-compatible servers behind an endpoint override rarely do virtual-hosted buckets.
-        s3={"addressing_style": "path"} if endpoint else None,
-    )
-    # A fresh session per client: boto3's default session is not thread-safe.
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=_region(), config=config)
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_s3fs(_key: tuple) -> pafs.S3FileSystem:
-    kwargs: dict = {
-        "region": _region(),
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
-    }
-    endpoint = _endpoint()
-    if endpoint:
-        parts = urlsplit(endpoint if "://" in endpoint else "https://" + endpoint)
-        kwargs["endpoint_override"] = parts.netloc
-        kwargs["scheme"] = parts.scheme or "https"
-    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
-        kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
-        kwargs["session_token"] = os.environ.get("AWS_SESSION_TOKEN")
-    return pafs.S3FileSystem(**kwargs)
-
-
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """``(pyarrow filesystem, path within it)`` for a local path or s3:// uri, e.g. for Parquet I/O."""
+    """``(pyarrow filesystem, path within it)`` for a local path or store URI, e.g. for Parquet I/O."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        return _cached_s3fs(_env()), posixpath.join(bucket, key).rstrip("/")
+        return s3_filesystem(), posixpath.join(bucket, key).rstrip("/")
+    if is_remote(uri):
+        stores.check_uri(uri, "path")
+        return stores.filesystem(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
@@ -179,6 +133,8 @@ def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
         s3_client().put_object(Bucket=bucket, Key=key, Body=data, **extra)
         return
+    if is_remote(uri):
+        return stores.write(uri, data, content_type)
     path = os.path.abspath(uri)
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
@@ -222,6 +178,10 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
             data = body.read() if max_bytes is None else body.read(max_bytes + 1)
         finally:
             body.close()
+    elif is_remote(uri):
+        stores.check_uri(uri, "input")
+        size, data = stores.read(uri, max_bytes)
+        _check_size(uri, size, max_bytes)
     else:
         path = os.path.abspath(uri)
         try:
@@ -243,8 +203,11 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
 
 def exists(uri: str) -> bool:
     """True for an existing file or directory (on S3: an object, or any key under ``uri/``)."""
-    if not is_s3(uri):
+    if not is_remote(uri):
         return os.path.exists(os.path.abspath(uri))
+    if not is_s3(uri):
+        stores.check_uri(uri, "path")
+        return stores.exists(uri)
     from botocore.exceptions import ClientError
 
     bucket, key = split_s3(uri)
@@ -294,6 +257,9 @@ def list_files(prefix_uri: str, suffix: str | None = None) -> list[str]:
                 raise FileNotFoundError(errno.ENOENT, "no such bucket", f"{S3_SCHEME}{bucket}") from exc
             raise
         return sorted(out)
+    if is_remote(prefix_uri):
+        stores.check_uri(prefix_uri, "path")
+        return stores.list_files(prefix_uri, suffix)
     root = os.path.abspath(prefix_uri)
     out = []
     for dirpath, _dirs, files in os.walk(root):
@@ -313,6 +279,8 @@ def delete(uri: str) -> None:
             if _error_code(exc) not in _NOT_FOUND_CODES:
                 raise
         return
+    if is_remote(uri):
+        return stores.delete(uri)
     try:
         os.remove(os.path.abspath(uri))
     except FileNotFoundError:
@@ -370,9 +338,9 @@ def stray_temp_files(directory: str, older_than: float, prefix: str = "") -> lis
     """Temporaries of local write_bytes calls that a killed writer left in ``directory`` (not recursive):
     named ``.PREFIX….<32 hex>.tmp`` and last modified before ``older_than`` (epoch seconds).
 
-    S3 writes are single PUTs and leave nothing, so an s3:// directory has none.
+    Store writes are single uploads and leave nothing, so a store directory has none.
     """
-    if is_s3(directory):
+    if is_remote(directory):
         return []
     root = os.path.abspath(directory)
     try:
@@ -391,3 +359,29 @@ def stray_temp_files(directory: str, older_than: float, prefix: str = "") -> lis
         if stat.S_ISREG(info.st_mode) and info.st_mtime < older_than:
             stray.append(entry.path)
     return sorted(stray)
+
+
+@contextlib.contextmanager
+def atomic_output(uri: str) -> Iterator[Any]:
+    """A stream for one large file that readers see whole or not at all: written under a hidden temporary
+    name beside it, then renamed (locally) or copied in one request (in a store) into place."""
+    name = os.path.basename(uri.rstrip("/"))
+    tmp = uri[: len(uri.rstrip("/")) - len(name)] + _temp_name(name)
+    fs, tmp_path = filesystem(tmp)
+    _, path = filesystem(uri)
+    if not is_remote(uri):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with fs.open_output_stream(tmp_path) as stream:
+            yield stream
+        if is_remote(uri):
+            fs.copy_file(tmp_path, path)  # one server-side copy: the object appears whole
+            fs.delete_file(tmp_path)
+        else:
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.delete_file(tmp_path)
+        raise

@@ -76,3 +76,6 @@ def serve_http(ray_cluster) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
+
+from azurite_server import azurite_server  # noqa: E402,F401
+from gcs_server import gcs_server  # noqa: E402,F401
