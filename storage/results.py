@@ -24,11 +24,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.fs import Backoff, delete, is_remote, join, list_files, read_bytes, store_errors, stray_temp_files, write_bytes
+from storage.ledger import FINAL_STATUSES, best_rows, ranked
 from storage.result_params import PARAM_FIELDS, param_values  # noqa: F401 - part of this module's API
 
 log = logging.getLogger(__name__)
 
-FINAL_STATUSES = ("ok", "filtered")
 STATUSES = ("ok", "failed", "filtered")
 
 RESULT_SCHEMA = pa.schema(
@@ -51,6 +51,7 @@ RESULT_SCHEMA = pa.schema(
         ("safety_action", pa.string()),  # block | blur | flag, for flagged outputs
         ("watermark", pa.string()),  # embedded | skipped_small | disabled | not_applicable
         ("c2pa", pa.string()),  # signed | unsigned: why | not_applicable
+        ("rerendered", pa.bool_()),  # its output existed: an earlier render was lost (a node, a killed driver) unrecorded
         *PARAM_FIELDS,
     ]
 )
@@ -262,73 +263,36 @@ def remove_stray_parts(out: str, started: float) -> list[str]:
     return stray
 
 
-def _result_files(out: str) -> tuple[list[str], list[str], list[str]]:
-    """(parts left directly in results/ by older versions, the compacted table if any, the log parts)."""
+def result_files(out: str) -> list[str]:
+    """Every results file, oldest first: parts older versions left directly in results/, the compacted
+    table, then the log parts (sorted by name, which starts with the run's time)."""
     top, log = results_dir(out), log_dir(out)
     files = list_files(top, suffix=".parquet")
     named = lambda folder: sorted((u for u in files if os.path.dirname(u) == folder  # noqa: E731
                                    and os.path.basename(u).startswith("part-")), key=os.path.basename)
-    return named(top), [u for u in files if u == join(top, COMPACTED)], named(log)
+    return [*named(top), *(u for u in files if u == join(top, COMPACTED)), *named(log)]
+
+
+def legacy_parts(out: str) -> list[str]:
+    """Parts an older version wrote directly into results/ (compaction folds them in and removes them)."""
+    return [u for u in result_files(out) if os.path.dirname(u) == results_dir(out) and u != join(results_dir(out), COMPACTED)]
 
 
 def _read_parts(out: str) -> pa.Table | None:
-    """Every recorded row, oldest first: legacy parts, then the compacted table, then the log (later rows win)."""
-    legacy, compacted, log_parts = _result_files(out)
-    tables = []
-    for uri in [*legacy, *compacted, *log_parts]:
-        tables.append(pq.read_table(io.BytesIO(read_bytes(uri))))
+    """Every recorded row with its rank (later files and rows rank higher)."""
+    tables = [ranked(pq.read_table(io.BytesIO(read_bytes(uri))), order) for order, uri in enumerate(result_files(out))]
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="permissive")
 
 
 def read_results(out: str) -> pa.Table:
-    """All results under OUT, one row per id: the latest final row, else the latest row."""
+    """All results under OUT, one row per id: the latest final row, else the latest row. Reads on this
+    machine: for large results read the compacted table (one row per id already) or use cluster.ledger."""
     table = _read_parts(out)
     if table is None:
         return RESULT_SCHEMA.empty_table()
-    # Sort keys live in a table of their own, so no user column name can collide with them.
-    keys = pa.table({
-        "id": table["id"],
-        "final": pc.is_in(table["status"], value_set=pa.array(FINAL_STATUSES)),
-        "order": pa.array(range(table.num_rows), pa.int64()),
-    })
-    ranked = pc.sort_indices(keys, sort_keys=[("id", "ascending"), ("final", "descending"), ("order", "descending")])
-    ids = keys["id"].take(ranked).combine_chunks()
-    if len(ids) > 1:
-        first = pa.concat_arrays([pa.array([True]), pc.not_equal(ids[1:], ids[:-1]).cast(pa.bool_())])
-    else:
-        first = pa.array([True] * len(ids), pa.bool_())
-    best = ranked.filter(first)
-    return table.take(best.take(pc.sort_indices(best)))
-
-
-def compact(out: str) -> str | None:
-    """Rewrites OUT/results/results.parquet as `read_results(out)`: one row per id, the final row winning.
-
-    Written whole (temporary name and rename locally, one PUT on S3), so a reader sees the old table or the
-    new one; the log parts stay, so a killed compaction loses nothing and running it again gives the same
-    table (idempotent). Parts an older version left directly in results/ are folded in, then removed, so
-    a dataset read of results/ sees each id once. Runs on the driver (the whole table in memory).
-    """
-    legacy, compacted, log_parts = _result_files(out)
-    if not (legacy or compacted or log_parts):
-        return None
-    table = read_results(out)
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    uri = join(results_dir(out), COMPACTED)
-    write_bytes(uri, sink.getvalue())
-    for part in legacy:  # their rows are in the compacted table now
-        delete(part)
-    return uri
-
-
-def finished_ids(out: str) -> pa.Array:
-    """Ids that need no more work: status ok or filtered."""
-    table = read_results(out)
-    done = table.filter(pc.is_in(table["status"], value_set=pa.array(FINAL_STATUSES)))
-    return done["id"].combine_chunks() if done.num_rows else pa.array([], pa.string())
+    return best_rows(table)
 
 
 def error_code(error: str | None) -> str:

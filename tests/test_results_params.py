@@ -28,7 +28,7 @@ def test_fitted_never_breaks_the_schema():
                                               "embeddings", "output_format"}
 
 
-def test_rows_carry_resolved_parameters_and_exact_seeds(tmp_path, tiny_catalog):
+def test_rows_carry_resolved_parameters_and_exact_seeds(tmp_path, tiny_catalog, ray_cluster):
     out = str(tmp_path / "out")
     renderer = Renderer(RendererConfig(catalog_path=tiny_catalog, out=out, torch_threads=1))
     manifest = pa.Table.from_pylist([
@@ -56,7 +56,8 @@ def test_rows_carry_resolved_parameters_and_exact_seeds(tmp_path, tiny_catalog):
     assert rows["bad-model"]["status"] == "failed" and rows["bad-model"]["prompt"] == "x"
     assert rows["bad-seed"]["status"] == "failed" and rows["bad-seed"]["seed"] == derive_seed("bad-seed")
 
-    from storage.results import compact, results_dir
+    from cluster.ledger import compact
+    from storage.results import results_dir
 
     compact(out)
     frame = pd.read_parquet(results_dir(out))
@@ -71,11 +72,12 @@ def _rows(*items):
                                  for i, s, seed in items], schema=RESULT_SCHEMA)
 
 
-def test_compaction_one_row_per_id_for_any_reader(tmp_path):
+def test_compaction_one_row_per_id_for_any_reader(tmp_path, ray_cluster):
     import os
 
+    from cluster.ledger import compact
     from storage.fs import list_files, write_bytes
-    from storage.results import COMPACTED, compact, log_dir, remove_stray_parts, results_dir
+    from storage.results import COMPACTED, log_dir, remove_stray_parts, results_dir
 
     out = str(tmp_path)
     # A part an older version left directly in results/, then two runs appending to the log.
