@@ -3,6 +3,8 @@
 A model is loaded on the host, measured there, and only placed on the device once least
 recently used models have been evicted to make room, so two models never share an
 accelerator during a switch. Entries over the same checkpoint share its weights (`from_pipe`).
+A job's policy overrides apply to every model it loads; an actor holding a fraction of a GPU
+gets the same fraction of the device's memory as its budget.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Any
 import torch
 
 from pipelines.adapters import AdapterState
-from pipelines.catalog import Catalog, ModelEntry, renderfleet_home
+from pipelines.catalog import Catalog, ModelEntry, Policy, renderfleet_home
 from pipelines.fingerprint import weights_hash
-from pipelines.loading import ModelLoadError, apply_policy, derive, load_base, load_controlnet, memory_bytes, pick_dtype
+from pipelines.loading import ModelLoadError, derive, load_base, load_controlnet, memory_bytes, pick_dtype
+from pipelines.placement import compile_seconds, free_device_bytes, place
 from storage.cache import fetch_prefix
 from storage.fs import is_remote
 from storage.reasons import RowError
@@ -28,10 +31,23 @@ from storage.reasons import RowError
 log = logging.getLogger(__name__)
 
 
-def default_budget(device: torch.device) -> int:
-    """Most of the accelerator's memory, or half of the host's available memory on CPU."""
+@dataclass(frozen=True)
+class PoolOptions:
+    """Per-job pool settings that travel to every actor: policy overrides and the actor's GPU share."""
+
+    policy: dict[str, Any] = field(default_factory=dict)  # Policy KEY -> value, over every catalog entry's policy
+    gpu_share: float = 1.0  # the fraction of one device this actor holds (Ray num_gpus per actor)
+
+
+def share_budget(total_bytes: int, share: float = 1.0) -> int:
+    """Most (80%) of the actor's share of a device: 0.5 GPU gets half of what a whole one would (more than one: one device's)."""
+    return int(total_bytes * 0.8 * (share if 0 < share < 1 else 1.0))
+
+
+def default_budget(device: torch.device, gpu_share: float = 1.0) -> int:
+    """The actor's share of the accelerator's memory, or half of the host's available memory on CPU."""
     if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory * 0.8)
+        return share_budget(torch.cuda.get_device_properties(device).total_memory, gpu_share)
     import psutil
 
     return int(psutil.virtual_memory().available * 0.5)
@@ -49,10 +65,12 @@ class _Resident:
 class ModelPool:
     """Loads, places, shares and evicts models for one actor; counts loads."""
 
-    def __init__(self, catalog: Catalog, device: torch.device, budget_bytes: int, cache_dir: str | None = None):
+    def __init__(self, catalog: Catalog, device: torch.device, budget_bytes: int | None = None, cache_dir: str | None = None,
+                 options: PoolOptions | None = None):
         self.catalog = catalog
         self.device = device
-        self.budget = budget_bytes
+        self.options = options or PoolOptions()
+        self.budget = budget_bytes or default_budget(device, self.options.gpu_share)
         self.cache_dir = cache_dir or str(renderfleet_home() / "models")
         self.resident: OrderedDict[tuple, _Resident] = OrderedDict()  # LRU, oldest first
         self.pipelines: dict[str, tuple[tuple[tuple, ...], Any]] = {}  # entry name -> (resident keys used, pipeline)
@@ -60,6 +78,7 @@ class ModelPool:
         self.loads = 0  # checkpoints loaded (ControlNets ride along with theirs)
         self.events: deque[tuple[str, str, int, int]] = deque(maxlen=1000)  # (place|evict, model, bytes, resident after)
         self._hashes: dict[str, str] = {}
+        self.figures: dict[str, dict[str, Any]] = {}  # entry -> load_s, offload, applied, compile_s (reported apart)
 
     # -- public ------------------------------------------------------------------------------
 
@@ -109,6 +128,29 @@ class ModelPool:
     def resident_bytes(self) -> int:
         return sum(r.nbytes for r in self.resident.values())
 
+    def clear(self) -> None:
+        """Drops every resident model (benchmarks switching architectures, tests)."""
+        self.resident.clear()
+        self.pipelines.clear()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def policy(self, entry: ModelEntry) -> Policy:
+        """The entry's catalog policy under this job's overrides."""
+        return entry.policy.overridden(self.options.policy, f"policy of {entry.name}") if self.options.policy else entry.policy
+
+    def compile_s(self) -> float:
+        """Seconds this actor has spent in torch.compile so far, first-render recompiles included."""
+        return compile_seconds()
+
+    def adopt(self, entry: ModelEntry, pipe: Any) -> Any:
+        """A pipeline built in this process (benchmarks, notebooks) joins the pool as if loaded from `entry`."""
+        key = ("checkpoint", entry.source, entry.revision, str(pipe.dtype))
+        self._placed(key, entry, pipe, time.perf_counter())
+        self.pipelines[entry.name] = ((key,), pipe)
+        return pipe
+
     # -- loading -----------------------------------------------------------------------------
 
     def _base(self, entry: ModelEntry) -> tuple:
@@ -120,11 +162,24 @@ class ModelPool:
             return key
         started = time.perf_counter()
         base = load_base(self.local(entry.source), entry.revision, dtype)  # on the host
-        self._place(key, entry.name, base, lambda: apply_policy(base, entry.policy, self.device))
+        self._placed(key, entry, base, started)
         self.loads += 1
-        log.info("loaded %s (%.0f MB) in %.1fs on %s", entry.name, self.resident[key].nbytes / 2**20,
-                 time.perf_counter() - started, self.device)
         return key
+
+    def _placed(self, key: tuple, entry: ModelEntry, base: Any, started: float) -> None:
+        """Places a checkpoint under its (overridden) policy and records the figures, compile apart from load."""
+        policy = self.policy(entry)
+        done: list[Any] = []
+        self._place(key, entry.name, base, lambda free: done.append(place(base, policy, self.device, free)),
+                    offloadable=policy.offload == "auto")
+        placed = done[0]
+        if placed.offload != "none":  # offloaded weights live on the host: the device holds only what is onloaded
+            self.resident[key].nbytes = placed.device_bytes
+        load_s = time.perf_counter() - started - (placed.compile_s or 0.0)
+        self.figures[entry.name] = {"load_s": round(load_s, 3), "offload": placed.offload, "applied": placed.applied,
+                                    "compiled": placed.compiled, "compile_s": placed.compile_s}
+        log.info("loaded %s (%.0f MB) in %.1fs on %s (offload %s%s)", entry.name, memory_bytes(base) / 2**20, load_s,
+                 self.device, placed.offload, "" if placed.compile_s is None else f", compiled in {placed.compile_s:.1f}s")
 
     def _controlnet(self, entry: ModelEntry) -> tuple:
         dtype = pick_dtype(entry.dtype, self.device)
@@ -133,14 +188,19 @@ class ModelPool:
             self.resident.move_to_end(key)
             return key
         net = load_controlnet(self.local(entry.source), entry.revision, dtype)  # on the host
-        self._place(key, entry.name, net, lambda: net.to(self.device))
+        self._place(key, entry.name, net, lambda free: net.to(self.device))
         return key
 
-    def _place(self, key: tuple, name: str, model: Any, place: Any) -> None:
-        """Evicts until `model` fits the budget, then moves it to the device."""
+    def _place(self, key: tuple, name: str, model: Any, place_on: Any, offloadable: bool = False) -> None:
+        """Evicts until `model` fits the budget (or, when it may offload, as much as can), then places it.
+
+        `place_on(free)` gets the bytes left to this actor: its budget less what stays resident, and
+        on an accelerator no more than the device has free (actors sharing it included)."""
         size = memory_bytes(model)
-        self._evict(size)
-        place()
+        self._evict(min(size, self.budget) if offloadable else size)
+        free = self.budget - self.resident_bytes()
+        device_free = free_device_bytes(self.device)
+        place_on(free if device_free is None else min(free, device_free))
         self.resident[key] = _Resident(model, size)
         self.events.append(("place", name, size, self.resident_bytes()))
 

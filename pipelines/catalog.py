@@ -24,11 +24,33 @@ Schema (unknown keys are errors that name them):
         stages: [NAME, ...]        # cascades: later pipeline entries, each fed the previous output
         controlnets: [NAME, ...]   # controlnet entries handed to pipeline_class
         token: "<token>"           # embeddings: the prompt token it defines
+        license: TEXT              # optional: the weights' licence (e.g. openrail++), for dataset cards
         dtype: auto | float32 | float16 | bfloat16
         defaults: {num_inference_steps: 30, ...}      # call parameters under the row's own
-        policy: {offload: none|model|sequential, attention_slicing: bool, vae_slicing: bool, vae_tiling: bool}
+        policy: {...}              # memory and speed, below; a job overrides keys with --policy KEY=VALUE
         serve: {min_replicas, max_replicas, target_ongoing_requests, max_batch_size, batch_wait_timeout_s,
                 max_ongoing_requests, max_queued_requests, upscale_delay_s, downscale_delay_s, num_gpus}
+
+Policy keys (all optional; applied once, when an actor places the model):
+
+    offload: none | model | sequential | group | auto   # on CPU-only actors offloading is skipped (warned)
+        model: one component at a time on the device; sequential: one leaf module at a time (least memory,
+        slowest); group: diffusers' group-offload hooks, `group_blocks` blocks at a time, prefetched on a
+        CUDA stream where there is one; auto: none if the whole model fits the actor's free memory (the
+        smaller of the device's free bytes and the actor's budget, which follows its GPU share), else
+        model if the largest component fits, else group.
+    group_blocks: 1                # group offload: blocks per group; 0 = leaf level (one layer at a time)
+    attention_slicing: false       # replaces SDPA with sliced attention: less memory, slower
+    vae_slicing: false             # decode a batch one image at a time
+    vae_tiling: false              # decode large images in overlapping tiles
+    ff_chunking: false             # transformer feed-forwards one sample at a time (where the denoiser has them)
+    channels_last: false           # denoiser and VAE in channels-last memory format (faster convs on GPUs)
+    compile: none | regional | full  # torch.compile the denoiser: regional compiles its repeated blocks once
+        (where diffusers marks them), else the whole denoiser; compile time is reported apart from render time
+    compile_mode: default          # torch.compile mode (default, reduce-overhead, max-autotune, ...)
+    compile_backend: inductor      # torch.compile backend
+
+Attention stays on PyTorch's scaled-dot-product attention (diffusers' default) unless slicing is asked for.
 """
 
 from __future__ import annotations
@@ -46,7 +68,9 @@ from pipelines.media.formats import TASKS
 KINDS = ("pipeline", "controlnet", "lora", "embedding", "safety_checker")
 SAFETY_ACTIONS = ("block", "blur", "flag")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-OFFLOADS = ("none", "model", "sequential")
+OFFLOADS = ("none", "model", "sequential", "group", "auto")
+COMPILES = ("none", "regional", "full")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
 
 
@@ -71,9 +95,64 @@ class Policy:
     """Memory and speed settings applied after loading."""
 
     offload: str = "none"
+    group_blocks: int = 1
     attention_slicing: bool = False
     vae_slicing: bool = False
     vae_tiling: bool = False
+    ff_chunking: bool = False
+    channels_last: bool = False
+    compile: str = "none"
+    compile_mode: str = "default"
+    compile_backend: str = "inductor"
+
+    def overridden(self, overrides: dict[str, Any], where: str = "policy") -> Policy:
+        """This policy with a job's KEY=VALUE overrides (strings from the command line, or typed values)."""
+        defaults = Policy()
+        values = {}
+        for key, value in overrides.items():
+            if key not in self.__dataclass_fields__:
+                raise CatalogError(f"{where}: unknown policy key {key!r} (allowed: {', '.join(self.__dataclass_fields__)})")
+            values[key] = _coerce(value, type(getattr(defaults, key)), f"{where}.{key}")
+        return check_policy(replace(self, **values), where)
+
+
+def _coerce(value: Any, want: type, where: str) -> Any:
+    """A command-line string as the policy field's type (bools: true/false/1/0/yes/no/on/off)."""
+    if not isinstance(value, str) or want is str:
+        return value
+    text = value.strip().lower()
+    if want is bool and text in _TRUE + _FALSE:
+        return text in _TRUE
+    if want is int and re.fullmatch(r"-?\d+", text):
+        return int(text)
+    raise CatalogError(f"{where}: expected {want.__name__}, got {value!r}")
+
+
+def check_policy(policy: Policy, where: str) -> Policy:
+    """Refuses values the policy fields do not take; returns the policy."""
+    for key, choices in (("offload", OFFLOADS), ("compile", COMPILES)):
+        if getattr(policy, key) not in choices:
+            raise CatalogError(f"{where}.{key}: {getattr(policy, key)!r}; expected one of {', '.join(choices)}")
+    for key in policy.__dataclass_fields__:
+        want = type(getattr(Policy(), key))
+        value = getattr(policy, key)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise CatalogError(f"{where}.{key}: expected {want.__name__}, got {value!r}")
+    if policy.group_blocks < 0:
+        raise CatalogError(f"{where}.group_blocks: {policy.group_blocks} is negative (0 means leaf level)")
+    return policy
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """`KEY=VALUE` strings (the CLI's repeatable --policy) as a mapping; checked against Policy when applied."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CatalogError(f"--policy {item!r}: expected KEY=VALUE, e.g. offload=group or compile=regional")
+        pairs[key.strip()] = value.strip()
+    Policy().overridden(pairs, "--policy")  # unknown keys and bad values fail before the job starts
+    return pairs
 
 
 @dataclass(frozen=True)
@@ -125,6 +204,7 @@ class ModelEntry:
     stages: tuple[str, ...] = ()
     controlnets: tuple[str, ...] = ()
     token: str | None = None
+    license: str | None = None  # the weights' licence, shown in exported datasets' cards
 
 
 @dataclass(frozen=True)
@@ -246,15 +326,16 @@ def _entry(name: str, spec: Any, base_dir: Path, where: str) -> ModelEntry:
     token = spec.get("token")
     if (kind == "embedding") != isinstance(token, str):
         raise CatalogError(f"{where}.token: embeddings need a token string; other kinds take none")
+    license_ = spec.get("license")
+    if license_ is not None and (not isinstance(license_, str) or not license_.strip()):
+        raise CatalogError(f"{where}.license: expected a licence name or URL, got {license_!r}")
     dtype = spec.get("dtype", "auto")
     if dtype not in DTYPES:
         raise CatalogError(f"{where}.dtype: {dtype!r}; expected one of {', '.join(DTYPES)}")
     defaults = spec.get("defaults") or {}
     if not isinstance(defaults, dict) or any(isinstance(v, (dict, list)) for v in defaults.values()):
         raise CatalogError(f"{where}.defaults: expected a mapping of parameter names to scalar values")
-    policy = _settings(Policy, spec.get("policy"), f"{where}.policy")
-    if policy.offload not in OFFLOADS:
-        raise CatalogError(f"{where}.policy.offload: {policy.offload!r}; expected one of {', '.join(OFFLOADS)}")
+    policy = check_policy(_settings(Policy, spec.get("policy"), f"{where}.policy"), f"{where}.policy")
     pipeline_class = spec.get("pipeline_class")
     if pipeline_class is not None and not re.fullmatch(r"[A-Za-z_]\w*", str(pipeline_class)):
         raise CatalogError(f"{where}.pipeline_class: {pipeline_class!r} is not a class name")
@@ -272,6 +353,7 @@ def _entry(name: str, spec: Any, base_dir: Path, where: str) -> ModelEntry:
         stages=tuple(spec.get("stages", [])),
         controlnets=tuple(spec.get("controlnets", [])),
         token=token,
+        license=license_,
     )
 
 

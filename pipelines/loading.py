@@ -1,4 +1,4 @@
-"""Loading pipelines from local dirs or Hub ids, safetensors only, with a memory policy."""
+"""Loading pipelines from local dirs or Hub ids, safetensors only (placing them under a policy: pipelines/placement.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import diffusers
 import torch
 from diffusers import DiffusionPipeline
 
-from pipelines.catalog import Policy
 
 log = logging.getLogger(__name__)
 
@@ -105,25 +104,6 @@ def memory_bytes(model: DiffusionPipeline | torch.nn.Module) -> int:
             total += sum(t.numel() * t.element_size() for t in component.parameters())
             total += sum(t.numel() * t.element_size() for t in component.buffers())
     return total
-
-
-def apply_policy(pipe: DiffusionPipeline, policy: Policy, device: torch.device) -> None:
-    """Places the pipeline on its device, offloading or slicing as the policy asks."""
-    if policy.offload != "none" and device.type == "cpu":
-        log.warning("offload=%s ignored: no accelerator, the pipeline stays on CPU", policy.offload)
-    if policy.offload == "model" and device.type != "cpu":
-        pipe.enable_model_cpu_offload(device=device)
-    elif policy.offload == "sequential" and device.type != "cpu":
-        pipe.enable_sequential_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    if policy.attention_slicing:
-        pipe.enable_attention_slicing()
-    vae = getattr(pipe, "vae", None)
-    if policy.vae_slicing and hasattr(vae, "enable_slicing"):
-        vae.enable_slicing()
-    if policy.vae_tiling and hasattr(vae, "enable_tiling"):
-        vae.enable_tiling()
 
 
 def default_size(pipe: DiffusionPipeline) -> tuple[int, int]:
