@@ -7,43 +7,70 @@ from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import ray
-from ray.data import ActorPoolStrategy, DataContext, Dataset
+from ray.data import DataContext, Dataset
 
+from cluster.overlap import render_pool
+from cluster.reading import read_parquet_files
 from cluster.renderer import Renderer, RendererConfig, storage_env
-from cluster.resources import WorkerPlan, plan_workers
+from cluster.resources import TASK_CPUS, WorkerPlan, node_resources, plan_workers
 from pipelines.catalog import Catalog
 from storage.fs import filesystem, is_remote
+from storage.manifest import open_manifest
 
 
-def prepare_block(batch: pa.Table, finished: pa.Array) -> pa.Table:
-    """Drops rows that already have a final result and orders the rest by model and task,
-    so that the batches cut from this block rarely switch models."""
-    if len(finished):
-        batch = batch.filter(pc.invert(pc.is_in(batch["id"], value_set=finished)))
+def order_block(batch: pa.Table) -> pa.Table:
+    """Orders a block's rows by model and task, so that the batches cut from it rarely switch models."""
     keys = [(c, "ascending") for c in ("model", "task") if c in batch.column_names]
     return batch.sort_by(keys) if keys and batch.num_rows > 1 else batch
 
 
-def render_dataset(manifest: str, finished: pa.Array, config: RendererConfig, plan: WorkerPlan, batch_size: int) -> Dataset:
-    """Reads the manifest, drops finished rows, and fans the rest out to the renderer actor pool."""
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False  # the job prints its own progress
-    fs, path = filesystem(manifest)
-    ds = ray.data.read_parquet(path, filesystem=fs)
-    ds = ds.map_batches(prepare_block, fn_kwargs={"finished": finished}, batch_format="pyarrow", batch_size=None)
+def small_blocks(ds: Dataset, rows: int) -> Dataset:
+    """Ray's streaming repartition into blocks of `rows` rows (so every actor gets some; one Parquet file
+    would be one block), its tasks sized like ours: by default each takes a whole CPU, which actors on
+    1-CPU nodes leave none of. `Dataset.repartition` does not take resources, hence the logical operator."""
+    from ray.data._internal.logical.interfaces import LogicalPlan
+    from ray.data._internal.logical.operators import StreamingRepartition
+
+    op = StreamingRepartition(target_num_rows_per_block=rows, input_dependencies=[ds._logical_plan.dag],
+                              strict=False, ray_remote_args={"num_cpus": TASK_CPUS})
+    return Dataset._from_parent(ds, LogicalPlan(op, ds.context))
+
+
+def read_manifest(manifest: str) -> Dataset:
+    """The manifest's rows as a Dataset, read where they are (local folder or store)."""
+    DataContext.get_current().enable_progress_bars = False  # the job prints its own progress
+    fs, _ = filesystem(manifest)
+    dataset = open_manifest(manifest)
+    if isinstance(dataset.format, pads.ParquetFileFormat):
+        return read_parquet_files(dataset.files, fs)
+    # CSV and JSON Lines: each file scanned at the manifest's column types (storage.manifest decides them).
+    files = ray.data.from_arrow(pa.table({"path": dataset.files}))
+    return files.map_batches(_scan_files, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS,
+                             fn_kwargs={"fs": fs, "file_format": dataset.format, "schema": dataset.schema})
+
+
+def _scan_files(files: pa.Table, fs: object, file_format: pads.FileFormat, schema: pa.Schema) -> Iterator[pa.Table]:
+    for path in files["path"].to_pylist():
+        for batch in pads.dataset([path], filesystem=fs, format=file_format, schema=schema).to_batches():
+            yield pa.Table.from_batches([batch], schema=schema)
+
+
+def render_dataset(rows: Dataset, config: RendererConfig, plan: WorkerPlan, batch_size: int) -> Dataset:
+    """Fans the rows left to render out to the renderer actor pool, each block ordered by model."""
+    ds = rows.map_batches(order_block, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS)
     return render_step(ds, config, plan, batch_size)
 
 
 def render_step(ds: Dataset, config: RendererConfig, plan: WorkerPlan, batch_size: int) -> Dataset:
     """The render step itself, shared by the job and the Python API: rows in, one result row per row out."""
-    # One Parquet file is one block; small streaming blocks let every actor get rows.
-    ds = ds.repartition(target_num_rows_per_block=batch_size)
+    ds = small_blocks(ds, batch_size)
     return ds.map_batches(
         Renderer,
-        fn_constructor_kwargs={"config": config},
-        compute=ActorPoolStrategy(size=plan.workers),
+        # Each actor's model memory budget follows its GPU share (0.5 GPU: half the device).
+        fn_constructor_kwargs={"config": replace(config, pool_options=replace(config.pool_options, gpu_share=plan.num_gpus or 1.0))},
+        compute=render_pool(plan.workers, config.overlap_batches),  # one batch renders while the last is finished
         batch_size=batch_size,
         batch_format="pyarrow",
         num_cpus=plan.num_cpus,
@@ -61,7 +88,7 @@ def render(dataset: Dataset, catalog: str, out: str, *, workers: int | None = No
     Catalog.load(catalog)  # a malformed catalog fails here, not in every actor
     local = {"catalog_path": os.path.abspath(catalog), "out": out if is_remote(out) else os.path.abspath(out)}
     config = RendererConfig(**local, env={**storage_env(), **options.pop("env", {})}, **options)
-    plan = plan_workers(ray.cluster_resources(), workers, gpus_per_worker)
+    plan = plan_workers(node_resources(), workers, gpus_per_worker)
     if config.torch_threads is None:
         config = replace(config, torch_threads=plan.torch_threads)
     return render_step(dataset, config, plan, batch_size)

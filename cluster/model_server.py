@@ -34,11 +34,23 @@ class ModelServer:
         self.renderer = Renderer(config)
         self._render_batch.set_max_batch_size(max_batch_size)
         self._render_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._wait_s = batch_wait_timeout_s
+        self._active = 0  # rows queued or rendering here
+        self._waits = {"immediate": 0, "windowed": 0}  # batch windows opened by lone rows vs. rows with company
         self._abandoned: dict[str, float] = {}  # row id -> when its caller cancelled, until its batch ends
         self._unclaimed: dict[str, str] = {}  # row id -> output uri, rendered but not yet handed back
 
-    async def render(self, row: dict[str, Any]) -> dict[str, Any]:
-        """One row. A caller that cancels keeps nothing in the store, even when its batch had already started."""
+    async def render(self, row: dict[str, Any], keep_data: bool = False) -> dict[str, Any]:
+        """One row. A caller that cancels keeps nothing in the store, even when its batch had already started.
+
+        With keep_data an `ok` result carries the output's bytes (already stored), so the caller needs no read-back.
+        """
+        # Adaptive batching: a lone row opens a zero-length window (Serve reads the wait when a batch's first
+        # row arrives); the window only opens when other rows are here to share the pipeline call.
+        lone = self._active == 0
+        self._render_batch.set_batch_wait_timeout_s(0.0 if lone else self._wait_s)
+        self._waits["immediate" if lone else "windowed"] += 1
+        self._active += 1
         try:
             result = await self._render_batch(row)
         except asyncio.CancelledError:
@@ -48,13 +60,20 @@ class ModelServer:
             else:  # queued (Serve drops it) or rendering (its batch deletes the output)
                 self._abandoned[row["id"]] = time.monotonic()
             raise
+        finally:
+            self._active -= 1
         self._unclaimed.pop(row["id"], None)
-        return result
+        return result if keep_data else {k: v for k, v in result.items() if k != "data"}
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def stats(self) -> dict[str, Any]:
+        """Batch windows opened (immediate for lone rows) and the renderer's overlap bound and peak."""
+        return {**self._waits, "active": self._active, **self.renderer.overlap.stats()}
+
+    # Two batches at once: the renderer renders one while it finishes and stores the other.
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, max_concurrent_batches=2)
     async def _render_batch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         started = time.perf_counter()
-        results = await asyncio.to_thread(self.renderer.render_rows, rows)
+        results = await asyncio.to_thread(self.renderer.render_rows, rows, True)
         elapsed = time.perf_counter() - started
         for r in results:
             uri = r.get("output_uri") if r["status"] == "ok" else None

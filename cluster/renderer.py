@@ -18,14 +18,15 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from cluster.model_pool import ModelPool, default_budget
+from cluster.model_pool import ModelPool, PoolOptions
+from cluster.overlap import Overlap
 from cluster.rows import Checked, Filtered, Job, RowChecker
 from pipelines.catalog import Catalog, ModelEntry
 from pipelines.finishing import Finisher
 from pipelines.loading import pick_device, quiet_hf_progress
 from pipelines.media.provenance import provenance_record
 from pipelines.tasks import render_group
-from storage.fs import join, write_retrying
+from storage.fs import exists, join, write_retrying
 from storage.keys import output_key
 from storage.manifest import MANIFEST_COLUMNS
 from storage.params import BY_NAME, ROW_DEFAULTS, Limits, RowParams, derive_seed
@@ -53,11 +54,16 @@ class RendererConfig:
     memory_budget_bytes: int | None = None  # loaded pipelines per actor; default from the device
     job_id: str = ""
     safety_action: str | None = None  # overrides the catalog's safety.action for this job
+    pool_options: PoolOptions = field(default_factory=PoolOptions)  # policy overrides, GPU share (memory budget)
+    overlap_batches: int = 2  # batches in flight per actor: one renders while the rest finish; 1 = no overlap
 
 
 def storage_env() -> dict[str, str]:
-    """The driver's AWS settings, so actors reach the same store the driver validated against."""
-    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    """The driver's store settings (AWS_*, AZURE_*, GOOGLE_*, STORAGE_EMULATOR_HOST, HF_TOKEN...), so actors reach
+    the same stores the driver validated against."""
+    from storage.stores import ENV_PREFIXES
+
+    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
 
 
 def renderfleet_version() -> str:
@@ -88,8 +94,20 @@ def output_size(task: str, decoded: Any) -> tuple[int | None, int | None]:
     return None, None
 
 
+@dataclass
+class Rendered:
+    """A group's decoded outputs, waiting to be checked, finished and written off the render path."""
+
+    jobs: list[Job]
+    decoded: list[Any]
+    records: list[dict[str, str]]
+    render_s: float  # the pipeline call's seconds per row
+
+
 class Renderer:
-    """A `map_batches` callable (pyarrow batches in, result batches out) holding loaded pipelines."""
+    """A `map_batches` callable (pyarrow batches in, result batches out) holding loaded pipelines.
+
+    Thread-safe: concurrent calls overlap one batch's pipeline call with earlier batches' finishing."""
 
     def __init__(self, config: RendererConfig):
         from cluster.quiet import quiet_actor; quiet_actor()  # noqa: E702 - known-harmless warnings off (see cluster/quiet.py)
@@ -100,33 +118,51 @@ class Renderer:
             torch.set_num_threads(config.torch_threads)
         self.catalog = Catalog.load(config.catalog_path)
         self.device = pick_device(config.device)
-        self.pool = ModelPool(self.catalog, self.device, config.memory_budget_bytes or default_budget(self.device),
-                              config.model_cache_dir)
+        self.pool = ModelPool(self.catalog, self.device, config.memory_budget_bytes, config.model_cache_dir,
+                              config.pool_options)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.version = renderfleet_version()
         safety = self.catalog.safety
         checker = self.pool.local(self.catalog.get(safety.checker).source) if safety.checker else None
         self.finisher = Finisher(safety, checker, device=self.device, action=config.safety_action)
         self.rows = RowChecker(self.catalog, config.limits, self.finisher, self.pool, config.input_base, config.input_roots)
+        self.overlap = Overlap(config.overlap_batches)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        loads_before = self.pool.loads
-        rows = self.render_rows(batch.to_pylist())
+        rows, loads = self._render_rows(batch.to_pylist(), keep_data=False)
         for r in rows:  # the results table stores output URIs relative to OUT; render_rows' callers get absolute ones
             r["output_uri"] = relative_uri(self.config.out, r.get("output_uri"))
         if rows:
-            rows[0]["model_loads"] = self.pool.loads - loads_before
+            rows[0]["model_loads"] = loads
         results = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
         for name in batch.column_names:
             if name not in MANIFEST_COLUMNS and name not in RESULT_SCHEMA.names:
                 results = results.append_column(batch.schema.field(name), batch.column(name))
         return results
 
-    def render_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def render_rows(self, rows: list[dict[str, Any]], keep_data: bool = False) -> list[dict[str, Any]]:
         """Renders and writes every row; rows sharing call parameters share one pipeline call.
 
-        Every row is checked before any model loads, so a block of bad rows costs no load.
+        Every row is checked before any model loads, so a block of bad rows costs no load. With keep_data,
+        an `ok` row also carries its output's bytes as `data` (the online path answers from memory).
         """
+        return self._render_rows(rows, keep_data)[0]
+
+    def _render_rows(self, rows: list[dict[str, Any]], keep_data: bool) -> tuple[list[dict[str, Any]], int]:
+        """The results and the model loads this batch caused; its finishing overlaps the next batch's render."""
+        with self.overlap.batch() as number:
+            with self.overlap.rendering(number):
+                loads = self.pool.loads
+                results, rendered = self._render_all(rows)
+                loads = self.pool.loads - loads
+            with self.overlap.finishing(number):
+                for group in rendered:
+                    for job, result in self._finish_group(group, rows, keep_data):
+                        results[job.index] = result
+        return results, loads  # type: ignore[return-value]
+
+    def _render_all(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any] | None], list[Rendered]]:
+        """Checks and renders every row: final results for rows that ended here, decoded outputs for the rest."""
         results: list[dict[str, Any] | None] = [None] * len(rows)
         checked: list[Checked] = []
         for i, row in enumerate(rows):
@@ -138,10 +174,14 @@ class Renderer:
             job, results[c.index] = self._attempt(rows[c.index], self._complete, c, params=c.params)
             if job is not None:
                 groups[job.group].append(job)
+        rendered: list[Rendered] = []
         for jobs in groups.values():
-            for job, result in self._render_group(jobs, rows):
-                results[job.index] = result
-        return results  # type: ignore[return-value]
+            for done in self._render_group(jobs, rows):
+                if isinstance(done, Rendered):
+                    rendered.append(done)
+                else:
+                    results[done[0].index] = done[1]
+        return results, rendered
 
     def _complete(self, checked: Checked) -> Job:
         return self.rows.complete(checked, self.pool.stages(checked.entry)[0])
@@ -162,7 +202,7 @@ class Renderer:
 
     # -- rendering -------------------------------------------------------------------------
 
-    def _render_group(self, jobs: list[Job], rows: list[dict[str, Any]]) -> list[tuple[Job, dict[str, Any]]]:
+    def _render_group(self, jobs: list[Job], rows: list[dict[str, Any]]) -> list[Rendered | tuple[Job, dict[str, Any]]]:
         """One pipeline call for the group; if it fails, each row alone so one bad row fails alone."""
         first = jobs[0]
         p = first.params
@@ -178,8 +218,8 @@ class Renderer:
                 raise RowError("model_load_error", f"cannot load adapters {p.loras or ''} {p.embeddings or ''}: {e}") from None
             shared = {**extra_defaults(first.entry), **dict(p.call_values()), "width": first.width, "height": first.height}
             later = [self.catalog.pipeline(n) for n in first.entry.stages]
-            decoded = render_group(p.task, [(stages[0], shared)] + [(pipe, stage_defaults(e)) for pipe, e in zip(stages[1:], later)],
-                                   [j.request for j in jobs])
+            decoded = self._call(p.task, [(stages[0], shared)] + [(pipe, stage_defaults(e)) for pipe, e in zip(stages[1:], later)],
+                                 [j.request for j in jobs])
         except RowError as e:
             return [(j, self._result(rows[j.index], status="failed", error=str(e), job=j)) for j in jobs]
         except Exception as e:  # noqa: BLE001 - a render failure is a row failure, never a job failure
@@ -187,28 +227,43 @@ class Renderer:
                 return [pair for j in jobs for pair in self._render_group([j], rows)]
             log.exception("render failed for row %r", p.id)
             return [(first, self._result(rows[first.index], status="failed", error=f"render_error: {type(e).__name__}: {e}", job=first))]
+        # Provenance records read the model pool, which only the render side touches.
+        return [Rendered(jobs, decoded, [self._record(j) for j in jobs], (time.perf_counter() - started) / len(jobs))]
+
+    def _call(self, task: str, stages: list[tuple[Any, dict[str, Any]]], requests: list[Any]) -> list[Any]:
+        """The pipeline call itself (a stand-in renderer overrides this to model an accelerator)."""
+        return render_group(task, stages, requests)
+
+    def _finish_group(self, group: Rendered, rows: list[dict[str, Any]], keep_data: bool) -> list[tuple[Job, dict[str, Any]]]:
+        """Safety check (one pass for the group), then each output finished and durably written."""
+        task = group.jobs[0].params.task
+        started = time.perf_counter()
         try:
-            flags = self.finisher.flags(p.task, decoded)
+            flags = self.finisher.flags(task, group.decoded)
         except Exception as e:  # noqa: BLE001 - an unchecked output is never written
             log.exception("safety check failed")
-            return [(j, self._result(rows[j.index], status="failed", error=f"safety_check_error: {e}", job=j)) for j in jobs]
-        share = (time.perf_counter() - started) / len(jobs)
-        return [(j, self._write(j, out, flag, rows[j.index], share)) for j, out, flag in zip(jobs, decoded, flags)]
+            return [(j, self._result(rows[j.index], status="failed", error=f"safety_check_error: {e}", job=j)) for j in group.jobs]
+        share = group.render_s + (time.perf_counter() - started) / len(group.jobs)
+        return [(j, self._write(j, out, flag, rows[j.index], share, record, keep_data))
+                for j, out, flag, record in zip(group.jobs, group.decoded, flags, group.records)]
 
-    def _write(self, job: Job, decoded: Any, flagged: bool | None, row: dict[str, Any], render_s: float) -> dict[str, Any]:
+    def _write(self, job: Job, decoded: Any, flagged: bool | None, row: dict[str, Any], render_s: float,
+               record: dict[str, str], keep_data: bool = False) -> dict[str, Any]:
         started = time.perf_counter()
         p = job.params
         width, height = output_size(p.task, decoded)
         try:
-            done = self.finisher.finish(p.task, decoded, flagged, p.output_format, p.fps, self._record(job))
+            done = self.finisher.finish(p.task, decoded, flagged, p.output_format, p.fps, record)
             if done.blocked:
                 return self._result(row, status="filtered", job=job, filter_reason="nsfw_output", nsfw=True,
                                     safety_action="block", render_s=render_s)
             uri = join(self.config.out, output_key(p.task, p.id, done.ext))
+            rendered_before = exists(uri)  # an earlier render's output whose result was lost (a node, a killed driver)
             write_retrying(uri, done.data, content_type=done.content_type, deadline_s=self.config.write_deadline_s)
         except Exception as e:  # noqa: BLE001
             log.exception("cannot finish or write row %r", p.id)
             return self._result(row, status="failed", error=f"write_error: {type(e).__name__}: {e}", job=job)
+        kept = {"data": done.data} if keep_data else {}  # only once written: `ok` always means stored
         return self._result(
             row,
             status="ok",
@@ -222,6 +277,8 @@ class Renderer:
             safety_action=done.safety_action,
             watermark=done.watermark,
             c2pa=done.c2pa,
+            rerendered=rendered_before,
+            **kept,
         )
 
     def _record(self, job: Job) -> dict[str, str]:
