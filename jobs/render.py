@@ -14,18 +14,20 @@ from typing import TextIO
 import pyarrow.compute as pc
 import ray
 
-from cluster.batch import render_dataset
+from cluster.batch import read_manifest, render_dataset
+from cluster.ledger import check_ids, compact, finished_ids, unfinished
+from cluster.model_pool import PoolOptions
 from cluster.renderer import RendererConfig, storage_env
-from cluster.resources import plan_workers
+from cluster.resources import node_resources, plan_workers
 from cluster.runtime import connect
 from pipelines.catalog import Catalog, CatalogError
 from pipelines.policy import PromptPolicy
 from pipelines.tiny import default_catalog_path
-from storage.fs import is_remote, join, store_errors, write_bytes
-from storage.manifest import check_files, check_ids, check_schema, open_manifest
+from storage.fs import check_uri, is_remote, join, store_errors, write_bytes
+from storage.manifest import ManifestError, check_files, check_schema, open_manifest
 from storage.params import Limits
-from storage.results import (DEFAULT_DEADLINE_S, JobStopped, ResultsUnavailable, ResultsWriter, compact, describe,
-                             error_code, finished_ids, new_run_id, remove_stray_parts, results_dir)
+from storage.results import (DEFAULT_DEADLINE_S, JobStopped, ResultsUnavailable, ResultsWriter, describe,
+                             error_code, new_run_id, remove_stray_parts, results_dir)
 from jobs.exits import EXIT_OK, EXIT_ROWS_FAILED
 from jobs.progress import Progress, Rate
 from cluster.quiet import log_to_file
@@ -51,6 +53,7 @@ class RenderJob:
     results_deadline_s: float = DEFAULT_DEADLINE_S  # how long failing results writes are retried before stopping
     model_memory_bytes: int | None = None
     safety_action: str | None = None  # block | blur | flag; default: the catalog's safety.action
+    policy: dict[str, str] = field(default_factory=dict)  # memory/speed policy overrides for every model (--policy)
     input_roots: tuple[str, ...] = ()  # local folders inputs may come from besides the manifest's own
 
 
@@ -67,6 +70,7 @@ class JobReport:
     results: str
     first_output_s: float | None = None
     model_loads: int = 0
+    rerendered: int = 0  # rows whose earlier render was lost unrecorded (a lost node, a killed driver)
     rate: Rate | None = None  # jobs.progress.Rate, the one definition; None when nothing was left to do
     log: str | None = None  # the driver's log file
 
@@ -115,6 +119,9 @@ class JobReport:
                          f"first output at {self.first_output_s or 0:.1f} s"
                          + ("" if self.rate and self.rate.steady else " (too short to measure after it)"))
         lines.append(f"model loads: {self.model_loads}")
+        if self.rerendered:
+            lines.append(f"rendered again: {self.rerendered} rows whose earlier render was lost before it was recorded "
+                         "(a lost node or a stopped run)")
         if self.failures:
             lines.append("failures: " + ", ".join(f"{k}={v}" for k, v in self.failures.items()))
         lines += [f"outputs: {self.out}", f"results: {self.results}"]
@@ -144,6 +151,8 @@ def resolve_catalog(path: str | None, stream: TextIO = sys.stderr) -> str:
 def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
     """Runs the job to completion; raises ManifestError before rendering when the manifest is unusable, and
     JobStopped (after stopping the actors) when results cannot be written for `results_deadline_s`."""
+    check_uri(job.manifest, "manifest")
+    check_uri(job.out, "out", write=True)
     # Actors may run elsewhere, in another working directory: local paths go absolute.
     manifest, out = (m if is_remote(m) else os.path.abspath(m) for m in (job.manifest, job.out))
     run_id = new_run_id()  # names this run's results parts, summary and log
@@ -157,20 +166,24 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
     dataset = open_manifest(manifest)
     check_schema(dataset.schema)
     check_files(dataset)
-    ids = dataset.to_table(columns=["id"])["id"]
-    check_ids(ids)
+    total = dataset.count_rows()  # from the files' footers
+    connect(job.address)
+    # Ids are checked and finished rows found by shuffles across the cluster: nothing per row on the driver.
+    rows = read_manifest(manifest)
+    finished = finished_ids(out)
+    ids = check_ids(rows, finished, total)
+    if ids.problem():
+        raise ManifestError(ids.problem())
     run_log = None if is_remote(out) else log_to_file(os.path.join(out, "logs", f"{run_id}.log"))  # a usable manifest: OUT is ours
     remove_stray_parts(out, started=time.time())  # temporaries of a killed earlier run; a live writer's are newer
-    finished = finished_ids(out)
-    skipped = (pc.sum(pc.is_in(ids, value_set=finished)).as_py() or 0) if len(finished) else 0
-    pending = len(ids) - skipped
+    skipped = ids.finished
+    pending = total - skipped
     counts: Counter[str] = Counter()
     failures: Counter[str] = Counter()
-    model_loads = 0
+    model_loads = rerendered = 0
     started = time.monotonic()
     if pending:
-        connect(job.address)
-        plan = plan_workers(ray.cluster_resources(), job.workers, job.gpus_per_worker)
+        plan = plan_workers(node_resources(), job.workers, job.gpus_per_worker)
         writer_run_id = run_id
         config = RendererConfig(
             catalog_path=catalog_path,
@@ -183,6 +196,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
             memory_budget_bytes=job.model_memory_bytes,
             job_id=writer_run_id,
             safety_action=job.safety_action,
+            pool_options=PoolOptions(policy=dict(job.policy)),
         )
         stream.write(
             f"[renderfleet] rendering {pending} rows ({skipped} already done) on {plan.workers} workers "
@@ -193,13 +207,14 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
         progress = Progress(pending, stream, started=started)
         batches = None
         try:
-            ds = render_dataset(manifest, finished, config, plan, job.batch_size)
+            ds = render_dataset(unfinished(rows, finished if skipped else None, total), config, plan, job.batch_size)
             batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
             for batch in batches:
                 statuses = batch["status"].to_pylist()
                 counts.update(statuses)
                 failures.update(error_code(e) for s, e in zip(statuses, batch["error"].to_pylist()) if s == "failed")
                 model_loads += pc.sum(batch["model_loads"]).as_py() or 0
+                rerendered += pc.sum(batch["rerendered"].cast("int64")).as_py() or 0
                 progress.update(statuses)
                 writer.add(batch)  # retries a failing store without waiting; raises past the deadline
             writer.flush()
@@ -221,7 +236,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
             close_batches(batches)
             progress.close()
     report = JobReport(
-        total=len(ids),
+        total=total,
         skipped=skipped,
         counts=dict(counts),
         failures=dict(failures.most_common()),
@@ -230,6 +245,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
         results=results_dir(out),
         first_output_s=progress.first_s if pending else None,
         model_loads=model_loads,
+        rerendered=rerendered,
         rate=progress.rate(progress.elapsed_s) if pending and sum(counts.values()) else None,
         log=run_log,
     )
@@ -265,7 +281,7 @@ def record_run(out: str, run_id: str, report: JobReport, workers: int) -> None:
         "run_id": run_id, "manifest_total": report.total, "rendered": sum(report.counts.values()), "counts": report.counts,
         "failures": report.failures, "skipped": report.skipped, "elapsed_s": report.elapsed_s,
         "rows_per_s": report.rows_per_s, "images_per_s": report.images_per_s,
-        "model_loads": report.model_loads, "workers": workers,
+        "model_loads": report.model_loads, "rerendered": report.rerendered, "workers": workers,
     }
     try:
         write_bytes(join(out, "runs", f"{run_id}.json"), json.dumps(summary, indent=1).encode())
