@@ -9,6 +9,7 @@ import sys
 
 from jobs.exits import (EXIT_INTERRUPTED, EXIT_RESULTS_UNAVAILABLE, EXIT_ROWS_FAILED, EXIT_USAGE, RESULTS_DEADLINE_S,
                         UsageError)
+from jobs.setup_commands import cmd_build_tiny, cmd_env, cmd_init, cmd_models_list
 from storage.params import Limits
 
 # Heavy imports (pyarrow datasets, torch, Ray) stay inside the commands, so --help and --version are quick.
@@ -57,7 +58,11 @@ def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="rows per actor call")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     p.add_argument("--torch-threads", type=int, help="torch threads per actor (default: sized from the cluster)")
-    p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPU share per actor on GPU clusters")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0,
+                   help="GPU share per actor on GPU clusters (0.5: two actors per device, each with half its memory)")
+    p.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a memory/speed policy key of every model for this job, e.g. offload=auto, "
+                        "compile=regional, channels_last=true (repeatable; keys: see pipelines/catalog.py; default: none)")
     p.add_argument("--max-steps", type=int, default=Limits.max_steps, help="largest num_inference_steps a row may ask for")
     p.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="largest width*height a row may ask for")
     p.add_argument("--safety-action", choices=["block", "blur", "flag"],
@@ -73,7 +78,18 @@ def _render_args(p: argparse.ArgumentParser) -> None:
                         "own folder (repeatable; default: none)")
 
 
+def _check_uri(uri: str, what: str, write: bool = False) -> None:
+    """Refuses (exit 2, before Ray starts) a scheme no store supports, or writing to a read-only store."""
+    from storage.fs import check_uri
+    try:
+        check_uri(uri, what, write)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def _job(args: argparse.Namespace, manifest: str, out: str):
+    _check_uri(manifest, "MANIFEST")
+    _check_uri(out, "--out", write=True)
     from jobs.render import RenderJob
 
     return RenderJob(
@@ -92,7 +108,18 @@ def _job(args: argparse.Namespace, manifest: str, out: str):
         results_flush_s=args.results_flush_seconds,
         results_deadline_s=args.results_deadline_seconds,
         input_roots=tuple(args.input_root),
+        policy=_policy_overrides(args.policy),
     )
+
+
+def _policy_overrides(items: list[str]) -> dict[str, str]:
+    """--policy KEY=VALUE pairs, checked (exit 2) before Ray starts."""
+    from pipelines.catalog import CatalogError, parse_overrides
+
+    try:
+        return parse_overrides(items)
+    except CatalogError as e:
+        raise UsageError(str(e)) from None
 
 
 def _run_job(job, max_failed_fraction: float) -> int:
@@ -114,6 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from jobs.report import write_report
 
+    _check_uri(args.out, "--out", write=True)
     manifest = write_demo_manifest(args.out, args.rows)
     print(f"demo manifest: {manifest}")
     status = _run_job(_job(args, manifest, args.out), args.max_failed_fraction)
@@ -126,6 +154,7 @@ def _require_results(out: str) -> None:
     from storage.fs import is_remote
     from storage.results import has_results, results_dir
 
+    _check_uri(out, "OUT")
     if not is_remote(out) and not os.path.exists(out):
         raise UsageError(f"{out}: no such folder; give the --out of a render")
     if not has_results(out):
@@ -181,6 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from jobs.render import resolve_catalog
     from pipelines.catalog import renderfleet_home
 
+    _check_uri(args.store or "", "--store", write=True)
     keys = load_api_keys(args.api_keys_file)
     host = args.host
     if not keys and host not in ("127.0.0.1", "localhost", "::1"):
@@ -203,62 +233,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.shutdown()
 
 
-def cmd_build_tiny(args: argparse.Namespace) -> int:
-    from pipelines.tiny import build_tiny_models
-    from pipelines.tiny.registry import TINY_MODELS
-
-    unknown = [n for n in args.names if n not in TINY_MODELS]
-    if unknown:
-        raise UsageError(f"unknown tiny model{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                         f"known: {', '.join(TINY_MODELS)}")
-    print(build_tiny_models(args.dir, args.names or None))
-    return 0
-
-
-def cmd_models_list(args: argparse.Namespace) -> int:
-    from pipelines.catalog import Catalog
-
-    path = args.catalog
-    if not path:
-        from pipelines.tiny import default_catalog_path
-
-        path = default_catalog_path()
-        print(f"catalog: {path} (the tiny random-weight models)", file=sys.stderr)
-    catalog = Catalog.load(path)
-    rows = [("NAME", "KIND", "TASKS", "SOURCE")]
-    rows += [(m.name + (" *" if m.name == catalog.default_model else ""), m.kind, ",".join(m.tasks) or "-", m.source)
-             for m in catalog.models.values()]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
-    print("* default_model", file=sys.stderr)
-    return 0
-
-
-def cmd_env(args: argparse.Namespace) -> int:
-    import json
-
-    from jobs.env import collect_env
-
-    info = collect_env(args.catalog)
-    if args.json:
-        print(json.dumps(info, indent=1, default=str))
-    else:
-        width = max(map(len, info))
-        for key, value in info.items():
-            print(f"{key.ljust(width)}  {value}")
-    return 0
-
-
-def cmd_init(args: argparse.Namespace) -> int:
-    from jobs.init import init_project
-
-    for path in init_project(args.dir, force=args.force):
-        print(f"wrote {path}")
-    print(f"next: read {os.path.join(args.dir, 'README.txt')}")
-    return 0
-
-
 def version() -> str:
     from importlib import metadata
 
@@ -278,9 +252,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"renderfleet {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = _sub(sub, "render", "render every row of a Parquet manifest (resumes with the same --out)", EXIT_CODES_HELP)
-    r.add_argument("manifest", help="Parquet file or directory, local or s3://")
-    r.add_argument("--out", required=True, help="output location, local dir or s3://bucket/prefix (required, no default)")
+    r = _sub(sub, "render", "render every row of a manifest (resumes with the same --out)", EXIT_CODES_HELP)
+    r.add_argument("manifest", help="Parquet, CSV or JSON Lines file, or a folder of one kind, local or in a store (s3://, gs://, az://, hf://)")
+    r.add_argument("--out", required=True, help="output location, local dir or store prefix (s3://, gs://, az://) (required, no default)")
     _render_args(r)
     r.set_defaults(func=cmd_render)
 
@@ -339,6 +313,12 @@ def parser() -> argparse.ArgumentParser:
     ml = _sub(msub, "list", "list a catalog's models: name, kind, tasks, source")
     ml.add_argument("--catalog", help="model catalog YAML (default: the tiny random-weight catalog, built on first use)")
     ml.set_defaults(func=cmd_models_list)
+    from jobs.benchmark import add_bench_parser  # bench, bench gpu: the benchmarks in the checkout's bench/
+    add_bench_parser(sub, _sub)
+    from jobs.submit import add_commands  # submit render, jobs status|logs|stop: Ray's Job Submission API
+    add_commands(sub, _sub, _render_args)
+    from jobs import export, schedule  # like submit's, their modules import nothing heavy up front
+    schedule.add_parser(sub, _sub), export.add_parser(sub, _sub)
     return p
 
 

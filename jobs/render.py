@@ -24,6 +24,7 @@ from pipelines.catalog import Catalog, CatalogError
 from pipelines.policy import PromptPolicy
 from pipelines.tiny import default_catalog_path
 from storage.fs import check_uri, is_remote, join, store_errors, write_bytes
+from storage.manifest import FORMATS as MANIFEST_FORMATS
 from storage.manifest import ManifestError, check_files, check_schema, open_manifest
 from storage.params import Limits
 from storage.results import (DEFAULT_DEADLINE_S, JobStopped, ResultsUnavailable, ResultsWriter, describe,
@@ -134,7 +135,7 @@ def manifest_folder(manifest: str) -> str:
     """Where relative input URIs in the manifest point from: its folder (or itself, for a dataset folder)."""
     if not is_remote(manifest) and os.path.isdir(manifest):
         return manifest
-    if is_remote(manifest) and not manifest.endswith(".parquet"):
+    if is_remote(manifest) and not manifest.lower().endswith(tuple(MANIFEST_FORMATS)):
         return manifest
     return manifest.rsplit("/", 1)[0]
 
