@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from s3server import _end_group, _free_ports, _tail
+from s3server import _end_group, _free_ports, _tail, environ
 
 READY_TIMEOUT_S = 60.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,14 +101,8 @@ def start_azurite(workdir: Path) -> AzuriteServer:
 def azurite_server(tmp_path_factory) -> Iterator[AzuriteServer]:
     """One Azurite per test session, its account, key and endpoint in os.environ."""
     server = start_azurite(tmp_path_factory.mktemp("azurite"))
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
     try:
-        yield server
+        with environ(server.env()):
+            yield server
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()

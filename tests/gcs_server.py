@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from s3server import _end_group, _free_ports, _tail
+from s3server import _end_group, _free_ports, _tail, environ
 
 READY_TIMEOUT_S = 30.0
 PROJECT = "renderfleet-test"
@@ -92,14 +92,8 @@ def start_gcs_server(workdir: Path) -> GcsServer:
 def gcs_server(tmp_path_factory) -> Iterator[GcsServer]:
     """One GCS emulator per test session, its address in os.environ (STORAGE_EMULATOR_HOST)."""
     server = start_gcs_server(tmp_path_factory.mktemp("gcs"))
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
     try:
-        yield server
+        with environ(server.env()):
+            yield server
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()

@@ -7,6 +7,7 @@ SlowDownProxy answers a seeded share of PUTs with S3's 503 SlowDown.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import http.client
 import http.server
@@ -21,6 +22,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -238,20 +240,29 @@ def _wait_ready(server: S3Server, proc: subprocess.Popen, log: Path) -> None:
     )
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """One S3 server per test session (registered once, in conftest), its credentials in os.environ."""
-    server = start_s3_server(tmp_path_factory.mktemp("s3"))
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
+@contextlib.contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """`values` set in os.environ for the block, the previous values (or their absence) restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
-        yield server
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One S3 server per test session (registered once, in conftest), its credentials in os.environ."""
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    try:
+        with environ(server.env()):
+            yield server
+    finally:
         server.stop()
 
 
