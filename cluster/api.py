@@ -54,11 +54,43 @@ class OutputItem(BaseModel):
     revised_prompt: str | None = None
 
 
+class Usage(BaseModel):
+    """OpenAI's token-shaped usage keys: zeros, since diffusion models take no tokens we bill."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    input_tokens_details: dict[str, int] = {"image_tokens": 0, "text_tokens": 0}
+
+
+class RenderUsage(BaseModel):
+    """What a request cost us, apart from OpenAI's token keys."""
+
+    outputs: int
+    steps: int
+    compute_s: float
+
+
 class GenerationResponse(BaseModel):
-    """What every generation route answers: OpenAI's images response shape."""
+    """What every generation route answers: OpenAI's images response shape, every field filled."""
 
     created: int
     data: list[OutputItem]
+    size: str | None = None
+    output_format: str | None = None
+    quality: str | None = None
+    usage: Usage | None = None
+    render_usage: RenderUsage | None = None
+
+
+def usage_fields(results: list[dict], output_format: str, quality: str | None) -> dict[str, Any]:
+    """The response's size, output_format, quality and usage, from the rendered rows."""
+    first = results[0] if results else {}
+    size = f"{first['width']}x{first['height']}" if first.get("width") and first.get("height") else None
+    steps = sum(int(r.get("num_inference_steps") or 0) for r in results)
+    compute = sum(float(r.get("render_s") or 0.0) for r in results)
+    return {"size": size, "output_format": output_format, "quality": quality or "auto", "usage": Usage().model_dump(),
+            "render_usage": {"outputs": len(results), "steps": steps, "compute_s": round(compute, 3)}}
 
 
 # What the OpenAPI document says every route may answer: 400 and any other error, all in the error shape.
@@ -173,6 +205,15 @@ def parse_size(size: str | None, limits: Limits) -> tuple[int | None, int | None
     return w, h
 
 
+class LoraRef(BaseModel):
+    """One LoRA adapter online: a catalog name (of kind lora) and its scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256)
+    scale: float = Field(1.0, ge=-10.0, le=10.0)
+
+
 class GenerationRequest(BaseModel):
     """Fields shared by every generation route (OpenAI's names, plus diffusers' extensions).
 
@@ -188,6 +229,11 @@ class GenerationRequest(BaseModel):
     user: str | None = Field(None, max_length=256)
     negative_prompt: str | None = None
     seed: int | None = None
+    quality: str | None = Field(None, description="a name the model's catalog `serve.quality` maps to a step count, or auto")
+    style: str | None = Field(None, description="a name the model's catalog `serve.styles` maps, else a 400")
+    loras: list[LoraRef] | None = Field(None, description="LoRA adapters by catalog name, each with a scale")
+    embeddings: list[str] | None = Field(None, description="textual-inversion embeddings by catalog name")
+    job: bool = Field(False, description="answer at once with an async job object (also: header Prefer: respond-async)")
 
     task: ClassVar[str] = "image"
 
@@ -221,6 +267,30 @@ class SizedRequest(GenerationRequest):
     size: str | None = Field("auto", json_schema_extra={"pattern": r"^(\d{1,5}x\d{1,5}|auto)$", "examples": ["512x512", "auto"]})
 
 
+class ControlledRequest(SizedRequest):
+    """Image routes: ControlNet images as data URLs (edits also take them as multipart files)."""
+
+    control_images: list[str] | None = Field(None, max_length=8, description="data:image/...;base64 URLs, one per ControlNet")
+
+
+class VideoRequest(SizedRequest):
+    """Video routes: OpenAI's `seconds` (a string in its video API), turned into num_frames at the request's fps."""
+
+    seconds: str | float | None = Field(None, description="clip length; num_frames = seconds x fps (fps default 8)")
+
+    def frames_for_seconds(self) -> int | None:
+        """num_frames from `seconds` (RowError when it is not a positive number), or None when not given."""
+        if self.seconds is None:
+            return None
+        try:
+            seconds = float(self.seconds)
+        except ValueError:
+            raise RowError("invalid_frames", f"seconds={self.seconds!r} is not a number") from None
+        if not 0 < seconds <= 3600:
+            raise RowError("invalid_frames", f"seconds={self.seconds!r} must be positive")
+        return max(1, round(seconds * (getattr(self, "fps", None) or 8)))
+
+
 def _request_model(name: str, task: str, base: type[GenerationRequest]) -> type[GenerationRequest]:
     """A route's request model: the base fields, the task's output formats and its tabled parameters."""
     types = {"int": int | None, "number": float | None, "number_or_numbers": float | list[float] | None}
@@ -234,9 +304,9 @@ def _request_model(name: str, task: str, base: type[GenerationRequest]) -> type[
     return model
 
 
-ImageGenerationRequest = _request_model("ImageGenerationRequest", "image", SizedRequest)
-ImageEditRequest = _request_model("ImageEditRequest", "edit", SizedRequest)
-VideoGenerationRequest = _request_model("VideoGenerationRequest", "video", SizedRequest)
+ImageGenerationRequest = _request_model("ImageGenerationRequest", "image", ControlledRequest)
+ImageEditRequest = _request_model("ImageEditRequest", "edit", ControlledRequest)
+VideoGenerationRequest = _request_model("VideoGenerationRequest", "video", VideoRequest)
 AudioGenerationRequest = _request_model("AudioGenerationRequest", "audio", GenerationRequest)
 MeshGenerationRequest = _request_model("MeshGenerationRequest", "mesh", GenerationRequest)
 

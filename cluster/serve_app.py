@@ -1,10 +1,12 @@
 """The online endpoint: the batch job's Renderer behind an OpenAI-compatible API on Ray Serve.
 
-One deployment per catalog pipeline (`cluster/model_server.py`: each with its own autoscaling,
+One deployment per served catalog pipeline (`cluster/model_server.py`: each with its own autoscaling,
 batching and backpressure from the catalog's `serve` settings) behind one FastAPI ingress, the
-Gateway here. Requests that share size, steps and guidance inside a batch run in one pipeline
-call, exactly as in batch jobs, because the replica hands the whole batch to `Renderer.render_rows`.
-The gateway admits as many requests as the models can hold; what they cannot take gets a 503 at once.
+Gateway here; its async job routes live in `cluster/serve_jobs.py`, its app and metrics in
+`cluster/gateway_http.py`. Requests that share a model, size and call parameters (adapters included)
+inside a batch run in one pipeline call, because the replica hands the whole batch to `Renderer.render_rows`.
+The gateway admits as many requests as the models can hold; what they cannot take gets a 503 at once, and
+a model whose replica cannot be placed answers 503 within the placement timeout (`cluster/placement.py`).
 """
 
 
@@ -13,21 +15,16 @@ import base64
 import hmac
 import logging
 import secrets
-import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.config import BackpressureConfig
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.api import (
-    ERROR_RESPONSES,
     GENERATION_ROUTE,
     APIError,
     AudioGenerationRequest,
@@ -41,18 +38,18 @@ from cluster.api import (
     documented,
     documented_form,
     form_limit,
-    http_error,
     invalid,
-    parse_size,
     refuse_declared,
-    row_values,
 )
+from cluster.gateway_http import app, gateway_metrics
 from cluster.links import make_token, read_token
-from cluster.model_server import RETRY_AFTER_S, ModelServer, call_error, render_all
+from cluster.model_server import RETRY_AFTER_S, ModelServer
 from cluster.renderer import RendererConfig
-from pipelines.catalog import Catalog, ModelEntry
+from cluster.serve_jobs import JobRoutes
+from cluster.serve_requests import RequestRoutes
+from pipelines.catalog import Catalog
 from pipelines.media.formats import FORMATS, format_for_path
-from storage.fs import delete, is_s3, join, read_bytes, s3_client, split_s3, write_bytes
+from storage.fs import is_s3, join, read_bytes, s3_client, split_s3
 from storage.params import Limits
 
 log = logging.getLogger(__name__)
@@ -75,87 +72,45 @@ class ServeConfig:
     torch_threads: int | None = 1
     replica_cpus: float = 0.25
     env: dict[str, str] = field(default_factory=dict)
-
-
-def _metrics():
-    """Our Prometheus metrics, one registry per gateway replica."""
-    from prometheus_client import CollectorRegistry, Counter, Histogram
-
-    registry = CollectorRegistry()
-    return registry, {
-        "requests": Counter("renderfleet_requests", "HTTP requests by model and status", ["model", "route", "status"], registry=registry),
-        "outputs": Counter("renderfleet_outputs", "outputs rendered by model and task", ["model", "task"], registry=registry),
-        "filtered": Counter("renderfleet_filtered", "filtered prompts and outputs by reason", ["model", "reason"], registry=registry),
-        "render_s": Histogram("renderfleet_render_seconds", "model-side seconds per batch", ["model"], registry=registry),
-        "batch": Histogram("renderfleet_batch_size", "rows per model call batch", ["model"],
-                           buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=registry),
-    }
-
-
-app = FastAPI(title="renderfleet", docs_url=None, redoc_url=None, openapi_url=None,  # /openapi.json is a keyed route
-              responses=ERROR_RESPONSES)
-
-
-@app.exception_handler(APIError)
-async def _api_error(_: Request, e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-    return JSONResponse(invalid(e.errors()).body(), status_code=400)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-    """Unknown routes, wrong methods and unparseable multipart bodies, in our error shape."""
-    error = http_error(e.status_code, e.detail)
-    return JSONResponse(error.body(), status_code=error.status, headers=e.headers)
-
-
-@app.exception_handler(Exception)
-async def _unexpected(_: Request, e: Exception) -> JSONResponse:
-    log.exception("unexpected error")
-    error = APIError(500, f"internal error ({type(e).__name__})", type_="server_error", code="internal_error")
-    return JSONResponse(error.body(), status_code=500)
+    placement_timeout_s: float = 60.0  # a model with no running replica after this answers 503 model_unplaceable
+    job_retention_s: float = 24 * 3600.0  # finished async jobs (records, outputs, uploads) are deleted after this
+    job_lease_s: float = 30.0  # a queued/in-progress job whose runner has not written for this long is taken over
+    job_attempts: int = 3  # runs of one job (the first plus takeovers) before it is marked failed
+    api_keys_file: str | None = None  # re-read when it changes: keys, per-key limits and models (cluster/limits.py)
 
 
 # Serve pickles the class when it is decorated: everything it uses must be defined (or imported) above.
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
-class Gateway:
+class Gateway(RequestRoutes, JobRoutes):
     """The one HTTP entry point: keys, validation at the boundary, a request's rows fanned out to its model,
-    OpenAI-shaped answers and errors."""
+    OpenAI-shaped answers and errors; sync routes in RequestRoutes, async jobs in JobRoutes."""
 
-    def __init__(self, config: ServeConfig, models: dict[str, Any]):
+    def __init__(self, config: ServeConfig, models: dict[str, Any], needs: dict[str, dict[str, float]] | None = None):
+        from cluster.limits import KeyLimits
+        from cluster.placement import Placement
+
         self.config = config
         self.catalog = Catalog.load(config.catalog_path)
         self.models = models
-        self.registry, self.metrics = _metrics()
+        self.registry, self.metrics = gateway_metrics()
+        app_name = serve.get_replica_context().app_name
+        self.placement = Placement(app_name, needs or {}, config.placement_timeout_s)
+        self.keys = KeyLimits(config.api_keys, config.api_keys_file)
+        self.start_jobs()
 
     # -- plumbing --------------------------------------------------------------------------
 
-    def _auth(self, request: Request) -> None:
-        if not self.config.api_keys:
-            return
+    def _auth(self, request: Request) -> str:
+        """The request's API key ("" when the server has none); 401 for a missing or wrong one."""
+        if not self.keys.enabled():
+            return ""
         header = request.headers.get("authorization", "")
         key = header[7:] if header.lower().startswith("bearer ") else ""
-        if not any(hmac.compare_digest(key.encode("utf-8", "replace"), k.encode()) for k in self.config.api_keys):
+        if not any(hmac.compare_digest(key.encode("utf-8", "replace"), k.encode()) for k in self.keys.keys()):
             raise APIError(401, "missing or invalid API key (Authorization: Bearer ...)", type_="authentication_error",
                            code="invalid_api_key")
-
-    def _entry(self, name: str | None, task: str) -> ModelEntry:
-        try:
-            entry = self.catalog.pipeline(name or self._default_for(task))
-        except KeyError:
-            entry = None
-        if entry is None or entry.name not in self.models:
-            raise APIError(404, f"model {name!r} is not served here; GET /v1/models lists them", param="model",
-                           code="model_not_found")
-        if task not in entry.tasks:
-            raise APIError(400, f"model {entry.name!r} serves {', '.join(entry.tasks)}, not {task}", param="model",
-                           code="unsupported_task")
-        return entry
+        return key
 
     async def _body(self, request: Request, model: type[GenerationRequest]) -> Any:
         """The JSON body validated once, against this deployment's limits."""
@@ -171,46 +126,10 @@ class Gateway:
         except ValidationError as e:
             raise invalid(e.errors()) from None
 
-    def _default_for(self, task: str) -> str:
-        default = self.catalog.get(None)
-        if task in default.tasks and default.name in self.models:
-            return default.name
-        for entry in self.catalog.models.values():
-            if entry.kind == "pipeline" and task in entry.tasks and not entry.stages and entry.name in self.models:
-                return entry.name
-        raise APIError(404, f"no model served here renders {task}", param="model", code="model_not_found")
-
-    async def _render(self, route: str, entry: ModelEntry, task: str, body: Any, extra: dict[str, Any],
-                      uploads: dict[str, str] | None = None) -> dict:
-        rows = []
-        request_id = uuid.uuid4().hex
-        for i in range(body.n):
-            row = {"id": f"{request_id}-{i}", "task": task, "model": entry.name, "prompt": body.prompt,
-                   "negative_prompt": body.negative_prompt, "output_format": body.output_format, **row_values(body), **extra}
-            if body.seed is not None:
-                row["seed"] = body.seed + i
-            rows.append(row)
-        handle = self.models[entry.name]
-        results, failure = await render_all([handle.render.remote(r) for r in rows])
-        if failure is not None:
-            if isinstance(failure, dict) and failure["status"] == "filtered":
-                self.metrics["filtered"].labels(entry.name, (failure.get("filter_reason") or "").split(":")[0]).inc()
-            error = call_error(entry.name, failure, uploads)
-            self.metrics["requests"].labels(entry.name, route, str(error.status)).inc()
-            raise error
-        self.metrics["batch"].labels(entry.name).observe(max(r.get("batch_size", 1) for r in results))
-        self.metrics["render_s"].labels(entry.name).observe(max(r.get("batch_s", 0.0) for r in results))
-        data = []
-        for r in results:
-            self.metrics["outputs"].labels(entry.name, task).inc()
-            data.append(self._item(r, body.response_format, body.prompt))
-        self.metrics["requests"].labels(entry.name, route, "200").inc()
-        return {"created": int(time.time()), "data": data}
-
     def _item(self, result: dict, response_format: str, prompt: str) -> dict:
         uri = result["output_uri"]
         if response_format == "b64_json":
-            return {"b64_json": base64.b64encode(read_bytes(uri)).decode(), "revised_prompt": prompt}
+            return {"b64_json": base64.b64encode(result["data"]).decode(), "revised_prompt": prompt}  # no read-back
         if is_s3(uri):
             bucket, key = split_s3(uri)
             url = s3_client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
@@ -230,6 +149,7 @@ class Gateway:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         self._auth(request)
+        await self.count_jobs()
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/openapi.json", include_in_schema=False)
@@ -239,10 +159,13 @@ class Gateway:
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
-        self._auth(request)
+        key = self._auth(request)
+        states = {m: await self.placement.state(m, fresh=False) for m in self.models}
         return {"object": "list", "data": [
-            {"id": m.name, "object": "model", "owned_by": "renderfleet", "tasks": list(m.tasks)}
-            for m in self.catalog.models.values() if m.kind == "pipeline" and m.name in self.models]}
+            {"id": m.name, "object": "model", "owned_by": "renderfleet", "tasks": list(m.tasks),
+             "replicas": states[m.name].running if states[m.name] else None}
+            for m in self.catalog.models.values()
+            if m.kind == "pipeline" and m.name in self.models and self.keys.allows(key, m.name)]}
 
     @app.get("/v1/files/{token}", response_class=Response,
              responses={200: {"description": "The stored output", "content": {f.mime: {} for f in FORMATS.values()}}})
@@ -256,69 +179,55 @@ class Gateway:
         return Response(data, media_type=fmt.mime if fmt else "application/octet-stream")
 
     @app.post("/v1/images/generations", openapi_extra=documented(ImageGenerationRequest), **GENERATION_ROUTE)
-    async def images(self, request: Request) -> dict:
-        self._auth(request)
-        body = await self._body(request, ImageGenerationRequest)
-        entry = self._entry(body.model, "image")
-        width, height = parse_size(body.size, self.config.limits)
-        return await self._render("images", entry, "image", body, {"width": width, "height": height})
+    async def images(self, request: Request) -> Any:
+        key = self._auth(request)
+        return await self.generate(request, key, "images", "image", await self._body(request, ImageGenerationRequest))
 
     @app.post("/v1/videos/generations", openapi_extra=documented(VideoGenerationRequest), **GENERATION_ROUTE)
-    async def videos(self, request: Request) -> dict:
-        self._auth(request)
-        body = await self._body(request, VideoGenerationRequest)
-        entry = self._entry(body.model, "video")
-        width, height = parse_size(body.size, self.config.limits)
-        return await self._render("videos", entry, "video", body, {"width": width, "height": height})
+    async def videos(self, request: Request) -> Any:
+        key = self._auth(request)
+        return await self.generate(request, key, "videos", "video", await self._body(request, VideoGenerationRequest))
 
     @app.post("/v1/audio/generations", openapi_extra=documented(AudioGenerationRequest), **GENERATION_ROUTE)
-    async def audio(self, request: Request) -> dict:
-        self._auth(request)
-        body = await self._body(request, AudioGenerationRequest)
-        entry = self._entry(body.model, "audio")
-        return await self._render("audio", entry, "audio", body, {})
+    async def audio(self, request: Request) -> Any:
+        key = self._auth(request)
+        return await self.generate(request, key, "audio", "audio", await self._body(request, AudioGenerationRequest))
 
     @app.post("/v1/meshes/generations", openapi_extra=documented(MeshGenerationRequest), **GENERATION_ROUTE)
-    async def meshes(self, request: Request) -> dict:
-        self._auth(request)
-        body = await self._body(request, MeshGenerationRequest)
-        entry = self._entry(body.model, "mesh")
-        return await self._render("meshes", entry, "mesh", body, {})
+    async def meshes(self, request: Request) -> Any:
+        key = self._auth(request)
+        return await self.generate(request, key, "meshes", "mesh", await self._body(request, MeshGenerationRequest))
 
     @app.post("/v1/images/edits", openapi_extra=documented_form(ImageEditRequest), **GENERATION_ROUTE)
-    async def edits(self, request: Request) -> dict:
-        self._auth(request)
+    async def edits(self, request: Request) -> Any:
+        key = self._auth(request)
         refuse_declared(request, form_limit(self.config.max_upload_bytes), "an image, a mask and fields")
-        form = await request.form(max_files=4, max_fields=64, max_part_size=self.config.max_upload_bytes)
+        form = await request.form(max_files=12, max_fields=64, max_part_size=self.config.max_upload_bytes)
         uploads = [v for k, v in form.multi_items() if k in ("image", "image[]") and hasattr(v, "read")]
         if not uploads:
             raise APIError(400, "image: a file is required (multipart field 'image' or 'image[]')", param="image",
                            code="missing_input")
-        fields = {k: v for k, v in form.items() if not hasattr(v, "read")}
+        fields: dict[str, Any] = {k: v for k, v in form.items() if not hasattr(v, "read")}
+        for name in ("loras", "embeddings", "control_images"):  # JSON-valued form fields
+            if isinstance(fields.get(name), str):
+                fields[name] = self.form_json(name, fields[name])
         body = self._validated(ImageEditRequest, fields)
-        entry = self._entry(body.model or self._edit_default(), "edit")
-        width, height = parse_size(body.size, self.config.limits)
-        extra: dict[str, Any] = {"width": width, "height": height}
-        stored: dict[str, str] = {}  # upload uri -> its form field, deleted when the request is done
-        try:
-            for name, upload in (("image", uploads[0]), ("mask", form.get("mask"))):
-                if upload is None or not hasattr(upload, "read"):
-                    continue
-                data = await upload.read()
-                if len(data) > self.config.max_upload_bytes:
-                    raise APIError(413, f"{name}: {len(data)} bytes is over the {self.config.max_upload_bytes}-byte "
-                                        "upload limit", param=name, code="file_too_large")
-                uri = join(self.config.store, "uploads", f"{uuid.uuid4().hex}.{name}")
-                stored[uri] = name
-                await asyncio.to_thread(write_bytes, uri, data)
-                extra[f"{name}_uri"] = uri
-            return await self._render("edits", entry, "edit", body, extra, uploads=stored)
-        finally:
-            for uri in stored:
-                await asyncio.to_thread(delete, uri)
+        files = {"image": [uploads[0]], "mask": [form.get("mask")],
+                 "control_image": [v for k, v in form.multi_items() if k in ("control_image", "control_image[]")]}
+        return await self.generate(request, key, "edits", "edit", body, files)
 
-    def _edit_default(self) -> str:
-        return self._default_for("edit")
+
+def served_models(catalog: Catalog, names: list[str] | None = None) -> list[str]:
+    """The pipelines to serve: `names` (checked), else the default model and those whose `serve: {enabled: true}`."""
+    pipelines = [n for n, m in catalog.models.items() if m.kind == "pipeline"]
+    if names is None:
+        return [n for n in pipelines if n == catalog.default_model or catalog.models[n].serve.enabled]
+    if names == ["all"]:
+        return pipelines
+    unknown = [n for n in names if n not in pipelines]
+    if unknown:
+        raise ValueError(f"not pipelines of the catalog: {', '.join(unknown)}; known: {', '.join(pipelines)}")
+    return list(dict.fromkeys(names))
 
 
 def build_app(config: ServeConfig, model_names: list[str] | None = None) -> Any:
@@ -327,7 +236,7 @@ def build_app(config: ServeConfig, model_names: list[str] | None = None) -> Any:
 
     catalog = Catalog.load(config.catalog_path)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    models = {}
+    models, needs = {}, {}
     capacity = 0  # rows the models can hold at once (running + queued): the gateway admits no more requests
     for entry in catalog.models.values():
         if entry.kind != "pipeline" or (model_names is not None and entry.name not in model_names):
@@ -341,11 +250,13 @@ def build_app(config: ServeConfig, model_names: list[str] | None = None) -> Any:
             autoscaling = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas, "initial_replicas": s.min_replicas,
                            "target_ongoing_requests": s.target_ongoing_requests, "upscale_delay_s": s.upscale_delay_s,
                            "downscale_delay_s": s.downscale_delay_s, "metrics_interval_s": 0.5, "look_back_period_s": 2.0}
+        resources = {"num_cpus": s.num_cpus or config.replica_cpus, "num_gpus": s.num_gpus if gpus else 0}
+        needs[entry.name] = {"CPU": resources["num_cpus"], "GPU": resources["num_gpus"]}
         options: dict[str, Any] = {
             "name": f"model-{entry.name}",
             "max_ongoing_requests": s.max_ongoing_requests,
             "max_queued_requests": s.max_queued_requests,
-            "ray_actor_options": {"num_cpus": config.replica_cpus, "num_gpus": s.num_gpus if gpus else 0},
+            "ray_actor_options": resources,
         }
         if autoscaling:
             options["autoscaling_config"] = autoscaling
@@ -360,24 +271,26 @@ def build_app(config: ServeConfig, model_names: list[str] | None = None) -> Any:
     slots = capacity + GATEWAY_HEADROOM
     gateway = Gateway.options(max_ongoing_requests=slots, max_queued_requests=slots,
                               backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S))
-    return gateway.bind(config, models)
+    return gateway.bind(config, models, needs)
 
 
 def load_api_keys(path: str | None) -> tuple[str, ...]:
-    """API keys from a file (one per line) and $RENDERFLEET_API_KEYS (comma-separated)."""
+    """API keys from a file (one per line, or the YAML of cluster/limits.py) and $RENDERFLEET_API_KEYS (comma-separated)."""
     import os
+
+    from cluster.limits import read_keys_file
 
     keys = [k.strip() for k in os.environ.get("RENDERFLEET_API_KEYS", "").split(",")]
     if path:
-        with open(path, encoding="utf-8") as f:
-            keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        keys += list(read_keys_file(path))
     return tuple(k for k in keys if k)
 
 
 def app_builder(args: dict[str, str]) -> Any:
     """Entry point for `serve deploy` / RayService configs: `import_path: cluster.serve_app:app_builder`.
 
-    args: catalog (required), store (required), public_url, api_keys_file, url_ttl_s.
+    args: catalog (required), store (required), models (comma-separated, or all; default: the default model and
+    those with `serve: {enabled: true}`), public_url, api_keys_file, url_ttl_s, placement_timeout_s, job_retention_s.
     """
     from cluster.renderer import storage_env
 
@@ -389,8 +302,12 @@ def app_builder(args: dict[str, str]) -> Any:
         store=args["store"],
         public_url=args.get("public_url", "http://127.0.0.1:8000"),
         api_keys=load_api_keys(args.get("api_keys_file")),
+        api_keys_file=args.get("api_keys_file"),
         url_secret=args.get("url_secret") or secrets.token_hex(32),
         url_ttl_s=int(args.get("url_ttl_s", 3600)),
+        placement_timeout_s=float(args.get("placement_timeout_s", 60)),
+        job_retention_s=float(args.get("job_retention_s", 24 * 3600)),
         env=storage_env(),
     )
-    return build_app(config)
+    names = [n.strip() for n in args["models"].split(",") if n.strip()] if args.get("models") else None
+    return build_app(config, served_models(Catalog.load(config.catalog_path), names))

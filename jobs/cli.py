@@ -199,40 +199,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if all(v.ok for v in verdicts) else 1
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import time
-
-    from ray import serve
-
-    from cluster.renderer import storage_env
-    from cluster.runtime import connect
-    from cluster.serve_app import ServeConfig, build_app, load_api_keys
-    from jobs.render import resolve_catalog
-    from pipelines.catalog import renderfleet_home
-
-    _check_uri(args.store or "", "--store", write=True)
-    keys = load_api_keys(args.api_keys_file)
-    host = args.host
-    if not keys and host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"no API keys configured: binding 127.0.0.1 instead of {host} (set --api-keys-file or RENDERFLEET_API_KEYS)")
-        host = "127.0.0.1"
-    elif not keys:
-        print("no API keys configured: serving without auth on 127.0.0.1 only")
-    catalog = resolve_catalog(args.catalog)
-    store = args.store or str(renderfleet_home() / "serve-store")
-    config = ServeConfig(catalog_path=catalog, store=store, api_keys=keys,
-                         public_url=args.public_url or f"http://{host}:{args.port}", env=storage_env())
-    connect(args.address)
-    serve.start(http_options={"host": host, "port": args.port})
-    serve.run(build_app(config), name="renderfleet", route_prefix="/")
-    print(f"serving on http://{host}:{args.port}/v1 (outputs in {store}); Ctrl-C stops")
-    try:
-        while True:
-            time.sleep(3600)
-    finally:
-        serve.shutdown()
-
-
 def version() -> str:
     from importlib import metadata
 
@@ -282,17 +248,6 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--method", choices=["dwtDct", "dwtDctSvd"], help="watermark method (default: the catalog's, else dwtDctSvd)")
     v.set_defaults(func=cmd_verify)
 
-    sv = _sub(sub, "serve", "serve the catalog over HTTP (OpenAI-compatible images API, video, audio, meshes)")
-    sv.add_argument("--catalog", help="model catalog YAML (default: the tiny random-weight catalog)")
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind (without API keys: 127.0.0.1 only)")
-    sv.add_argument("--port", type=int, default=8000, help="port to bind")
-    sv.add_argument("--store", help="where outputs are kept: a local dir or s3://bucket/prefix "
-                                    "(default: $RENDERFLEET_HOME/serve-store)")
-    sv.add_argument("--public-url", help="base URL clients use to reach this server, for `url` responses "
-                                         "(default: http://HOST:PORT)")
-    sv.add_argument("--api-keys-file", help="bearer API keys, one per line (default: $RENDERFLEET_API_KEYS, else none)")
-    sv.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
-    sv.set_defaults(func=cmd_serve)
 
     e = _sub(sub, "env", "versions, devices and the catalog in use, for bug reports")
     e.add_argument("--catalog", help="the catalog a job would use (default: the tiny random-weight catalog)")
@@ -319,6 +274,8 @@ def parser() -> argparse.ArgumentParser:
     add_commands(sub, _sub, _render_args)
     from jobs import export, schedule  # like submit's, their modules import nothing heavy up front
     schedule.add_parser(sub, _sub), export.add_parser(sub, _sub)
+    from jobs import serve as serve_cmd  # serve: the online endpoint, its models and readiness (jobs/serve.py)
+    serve_cmd.add_parser(sub, _sub)
     return p
 
 

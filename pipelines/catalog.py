@@ -29,7 +29,10 @@ Schema (unknown keys are errors that name them):
         defaults: {num_inference_steps: 30, ...}      # call parameters under the row's own
         policy: {...}              # memory and speed, below; a job overrides keys with --policy KEY=VALUE
         serve: {min_replicas, max_replicas, target_ongoing_requests, max_batch_size, batch_wait_timeout_s,
-                max_ongoing_requests, max_queued_requests, upscale_delay_s, downscale_delay_s, num_gpus}
+                max_ongoing_requests, max_queued_requests, upscale_delay_s, downscale_delay_s, num_gpus,
+                enabled, quality, styles}
+            # min_replicas: 1 for the default model, else 0 (scale from zero); enabled: served without --models;
+            # quality: {standard: 20, hd: 50, ...} request quality -> steps; styles: {vivid: "text appended to the prompt"}
 
 Policy keys (all optional; applied once, when an actor places the model):
 
@@ -159,7 +162,7 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, str]:
 class ServeSettings:
     """Online settings for the model's Serve deployment."""
 
-    min_replicas: int = 1
+    min_replicas: int = 0  # the default model's default is 1 (Catalog.from_dict): warm at start, others scale from zero
     max_replicas: int = 1
     target_ongoing_requests: float = 2.0
     max_batch_size: int = 4
@@ -169,6 +172,10 @@ class ServeSettings:
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 60.0
     num_gpus: float = 1.0  # per replica on GPU clusters (fractions share a GPU)
+    num_cpus: float = 0.0  # CPUs per replica (0: the server's --replica-cpus)
+    enabled: bool = False  # served by `renderfleet serve` without --models (the default model always is)
+    quality: dict = field(default_factory=dict)  # OpenAI `quality` value -> num_inference_steps; others get a 400
+    styles: dict = field(default_factory=dict)  # OpenAI `style` value -> text appended to the prompt; others a 400
 
 
 @dataclass(frozen=True)
@@ -250,6 +257,8 @@ class Catalog:
         default = data.get("default_model") or pipelines[0]
         if default not in pipelines:
             raise CatalogError(f"{where}: default_model {default!r} is not a pipeline in models")
+        if "min_replicas" not in (models_raw[default].get("serve") or {}):  # the default model starts warm
+            models[default] = replace(models[default], serve=replace(models[default].serve, min_replicas=1))
         safety = _settings(SafetySettings, data.get("safety"), f"{where}: safety")
         if safety.action not in SAFETY_ACTIONS:
             raise CatalogError(f"{where}: safety.action {safety.action!r}; expected one of {', '.join(SAFETY_ACTIONS)}")
@@ -349,12 +358,26 @@ def _entry(name: str, spec: Any, base_dir: Path, where: str) -> ModelEntry:
         dtype=dtype,
         defaults=dict(defaults),
         policy=policy,
-        serve=_settings(ServeSettings, spec.get("serve"), f"{where}.serve"),
+        serve=_serve_settings(spec.get("serve"), f"{where}.serve"),
         stages=tuple(spec.get("stages", [])),
         controlnets=tuple(spec.get("controlnets", [])),
         token=token,
         license=license_,
     )
+
+
+def _serve_settings(data: Any, where: str) -> ServeSettings:
+    """The `serve:` section, with its quality (name -> steps) and style (name -> prompt text) maps checked."""
+    settings = _settings(ServeSettings, data, where)
+    for name, steps in settings.quality.items():
+        if not isinstance(name, str) or isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise CatalogError(f"{where}.quality.{name}: expected a step count (a positive int), got {steps!r}")
+    for name, text in settings.styles.items():
+        if not isinstance(name, str) or not isinstance(text, str):
+            raise CatalogError(f"{where}.styles.{name}: expected text appended to the prompt, got {text!r}")
+    if settings.min_replicas < 0 or settings.max_replicas < max(1, settings.min_replicas):
+        raise CatalogError(f"{where}: need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
+    return settings
 
 
 def resolve_source(source: str, base_dir: Path, where: str) -> str:

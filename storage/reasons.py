@@ -47,9 +47,15 @@ _ALL = (
     Reason("invalid_lora", 400, "a LoRA reference is malformed or names a non-LoRA"),
     Reason("invalid_embedding", 400, "an embedding reference names a non-embedding"),
     Reason("invalid_value", 400, "a value has the wrong type or shape"),
+    Reason("unsupported_quality", 400, "online: the model's catalog `serve.quality` does not map this quality"),
+    Reason("unsupported_style", 400, "online: the model's catalog `serve.styles` does not map this style"),
     # Safety (status `filtered`, final).
     Reason("prompt_policy", 400, "the prompt breaks the content policy"),
     Reason("nsfw_output", 400, "the output was flagged and the safety action is block"),
+    # Online only: the server cannot take the request now (each answered with Retry-After).
+    Reason("model_unplaceable", 503, "no replica of the model could be placed or started within the placement timeout"),
+    Reason("model_start_failed", 503, "the model's replicas fail to start (its deployment is unhealthy)"),
+    Reason("rate_limited", 429, "the API key is over its requests per minute or concurrent jobs"),
     # Ours.
     Reason("model_load_error", 500, "the model or an adapter could not be loaded"),
     Reason("render_error", 500, "the pipeline call failed"),

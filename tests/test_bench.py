@@ -25,7 +25,7 @@ def test_bench_smoke_writes_every_section(tmp_path):
     out = tmp_path / "bench"
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120",
            "RAY_AUTH_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "jobs.cli", "bench", "--smoke", "--out", str(out), "--section-timeout", "300"]
+    cmd = [sys.executable, "-m", "jobs.cli", "bench", "--smoke", "--out", str(out), "--section-timeout", "600"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:

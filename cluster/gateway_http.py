@@ -1,0 +1,65 @@
+"""The gateway's FastAPI app, error handlers and metrics, shared by the route modules (serve_app, serve_jobs).
+
+Route classes decorate their methods with this module's `app`; Serve's ingress binds every route of the
+Gateway's class hierarchy to the replica's instance.
+"""
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cluster.api import ERROR_RESPONSES, APIError, http_error, invalid
+
+log = logging.getLogger(__name__)
+
+app = FastAPI(title="renderfleet", docs_url=None, redoc_url=None, openapi_url=None,  # /openapi.json is a keyed route
+              responses=ERROR_RESPONSES)
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    return JSONResponse(invalid(e.errors()).body(), status_code=400)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes, wrong methods and unparseable multipart bodies, in our error shape."""
+    error = http_error(e.status_code, e.detail)
+    return JSONResponse(error.body(), status_code=error.status, headers=e.headers)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+    log.exception("unexpected error")
+    error = APIError(500, f"internal error ({type(e).__name__})", type_="server_error", code="internal_error")
+    return JSONResponse(error.body(), status_code=500)
+
+
+def gateway_metrics() -> tuple[Any, dict[str, Any]]:
+    """Our Prometheus metrics, one registry per gateway replica."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    registry = CollectorRegistry()
+    return registry, {
+        "requests": Counter("renderfleet_requests", "HTTP requests by model and status", ["model", "route", "status"], registry=registry),
+        "outputs": Counter("renderfleet_outputs", "outputs rendered by model and task", ["model", "task"], registry=registry),
+        "filtered": Counter("renderfleet_filtered", "filtered prompts and outputs by reason", ["model", "reason"], registry=registry),
+        "render_s": Histogram("renderfleet_render_seconds", "model-side seconds per batch", ["model"], registry=registry),
+        "batch": Histogram("renderfleet_batch_size", "rows per model call batch", ["model"],
+                           buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=registry),
+        "queue_depth": Gauge("renderfleet_queue_depth", "rows sent to a model and not yet answered (this gateway)", ["model"],
+                             registry=registry),
+        "queue_s": Histogram("renderfleet_queue_seconds", "seconds a row waited before its batch started (wait minus render)",
+                             ["model"], registry=registry),
+        "refused": Counter("renderfleet_refused", "429 and 503 answers by reason code", ["status", "reason"], registry=registry),
+        "jobs": Gauge("renderfleet_jobs", "async jobs in the store by status (counted when scraped)", ["status"], registry=registry),
+    }
