@@ -70,16 +70,19 @@ def render_step(ds: Dataset, config: RendererConfig, plan: WorkerPlan, batch_siz
         Renderer,
         # Each actor's model memory budget follows its GPU share (0.5 GPU: half the device).
         fn_constructor_kwargs={"config": replace(config, pool_options=replace(config.pool_options, gpu_share=plan.num_gpus or 1.0))},
-        compute=render_pool(plan.workers, config.overlap_batches),  # one batch renders while the last is finished
+        # One batch renders while the last is finished; an elastic pool grows as rows queue and nodes join.
+        compute=render_pool(plan.workers, config.overlap_batches, plan.max_workers),
         batch_size=batch_size,
         batch_format="pyarrow",
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus or None,
+        **({"resources": dict(plan.resources)} if plan.resources else {}),  # e.g. accel=1: the autoscaler adds nodes
     )
 
 
 def render(dataset: Dataset, catalog: str, out: str, *, workers: int | None = None, batch_size: int = 8,
-           gpus_per_worker: float = 1.0, **options: Any) -> Dataset:
+           gpus_per_worker: float = 1.0, max_workers: int | None = None,
+           worker_resources: dict[str, float] | None = None, **options: Any) -> Dataset:
     """Adds rendering to your own Ray Data pipeline: a Dataset of manifest rows in, a Dataset of result rows out.
 
     Outputs are written under `out` as the rows render; the returned Dataset is lazy like any other
@@ -88,7 +91,7 @@ def render(dataset: Dataset, catalog: str, out: str, *, workers: int | None = No
     Catalog.load(catalog)  # a malformed catalog fails here, not in every actor
     local = {"catalog_path": os.path.abspath(catalog), "out": out if is_remote(out) else os.path.abspath(out)}
     config = RendererConfig(**local, env={**storage_env(), **options.pop("env", {})}, **options)
-    plan = plan_workers(node_resources(), workers, gpus_per_worker)
+    plan = plan_workers(node_resources(), workers, gpus_per_worker, max_workers, worker_resources)
     if config.torch_threads is None:
         config = replace(config, torch_threads=plan.torch_threads)
     return render_step(dataset, config, plan, batch_size)

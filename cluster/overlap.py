@@ -93,8 +93,11 @@ def overlapped(events: list[tuple[float, int, str]]) -> tuple[float, float]:
     return total, hidden
 
 
-def render_pool(workers: int, depth: int) -> ActorPoolStrategy:
-    """The renderer actor pool: `depth` calls per actor run at once, so one renders while the others finish."""
+def render_pool(workers: int, depth: int, max_workers: int | None = None) -> ActorPoolStrategy:
+    """The renderer actor pool: `depth` calls per actor run at once, so one renders while the others finish.
+    With `max_workers` above `workers` it is elastic: Ray Data adds actors while rows queue, up to the max."""
+    sizes: dict[str, int] = ({"min_size": workers, "max_size": max_workers} if max_workers and max_workers > workers
+                             else {"size": workers})
     if depth <= 1:
-        return ActorPoolStrategy(size=workers)
-    return ActorPoolStrategy(size=workers, max_concurrent_calls_per_actor=depth, enable_true_multi_threading=True)
+        return ActorPoolStrategy(**sizes)
+    return ActorPoolStrategy(**sizes, max_concurrent_calls_per_actor=depth, enable_true_multi_threading=True)

@@ -10,6 +10,7 @@ import sys
 from jobs.exits import (EXIT_INTERRUPTED, EXIT_RESULTS_UNAVAILABLE, EXIT_ROWS_FAILED, EXIT_USAGE, RESULTS_DEADLINE_S,
                         UsageError)
 from jobs.setup_commands import cmd_build_tiny, cmd_env, cmd_init, cmd_models_list
+from jobs.scaling_args import add_scaling_args, scaling_fields
 from storage.params import Limits
 
 # Heavy imports (pyarrow datasets, torch, Ray) stay inside the commands, so --help and --version are quick.
@@ -54,7 +55,7 @@ def _render_args(p: argparse.ArgumentParser) -> None:
                         "the driver's full log, its warnings included, is in OUT/logs/RUN_ID.log either way)")
     p.add_argument("--max-failed-fraction", type=_fraction, default=0.0, metavar="F",
                    help=f"exit 0 despite failed rows while failed/total <= F, else {EXIT_ROWS_FAILED}")
-    p.add_argument("--workers", type=int, help="render actors (default: one per GPU, or CPUs/2)")
+    add_scaling_args(p)  # --workers N|MIN..MAX, --worker-resources NAME=AMOUNT
     p.add_argument("--batch-size", type=int, default=8, help="rows per actor call")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     p.add_argument("--torch-threads", type=int, help="torch threads per actor (default: sized from the cluster)")
@@ -96,7 +97,7 @@ def _job(args: argparse.Namespace, manifest: str, out: str):
         manifest=manifest,
         out=out,
         catalog=args.catalog,
-        workers=args.workers,
+        **scaling_fields(args),  # workers, max_workers, worker_resources
         batch_size=args.batch_size,
         address=args.address,
         limits=Limits(max_steps=args.max_steps, max_pixels=args.max_pixels),

@@ -44,6 +44,8 @@ class RenderJob:
     out: str
     catalog: str | None = None
     workers: int | None = None
+    max_workers: int | None = None  # with it, an elastic pool of workers..max_workers actors (--workers MIN..MAX)
+    worker_resources: dict[str, float] = field(default_factory=dict)  # custom resources per actor (--worker-resources)
     batch_size: int = 8
     address: str | None = None
     limits: Limits = field(default_factory=Limits)
@@ -184,7 +186,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
     model_loads = rerendered = 0
     started = time.monotonic()
     if pending:
-        plan = plan_workers(node_resources(), job.workers, job.gpus_per_worker)
+        plan = plan_workers(node_resources(), job.workers, job.gpus_per_worker, job.max_workers, job.worker_resources)
         writer_run_id = run_id
         config = RendererConfig(
             catalog_path=catalog_path,
@@ -200,7 +202,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
             pool_options=PoolOptions(policy=dict(job.policy)),
         )
         stream.write(
-            f"[renderfleet] rendering {pending} rows ({skipped} already done) on {plan.workers} workers "
+            f"[renderfleet] rendering {pending} rows ({skipped} already done) on {plan.label} workers "
             f"(cpu={plan.num_cpus}, gpu={plan.num_gpus}, torch threads={config.torch_threads})\n"
         )
         writer = ResultsWriter(out, run_id=writer_run_id, flush_rows=job.results_flush_rows,

@@ -7,10 +7,14 @@ apart. It is saved with ``save_pretrained`` and loaded by the ordinary catalog -
 its own namespace, so :func:`register` adds the class there (a Ray ``worker_process_setup_hook``
 in every process that loads it). It is not part of the tiny catalog: :func:`build_standin_catalog`
 writes a catalog of its own.
+
+``RENDERFLEET_STANDIN_SLOWDOWN`` (a factor, default 1) in a process's environment multiplies its sleep:
+a multi-node test gives one node's processes 2 to stand in for a device half as fast.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 from pathlib import Path
@@ -22,11 +26,21 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
-__all__ = ["StandinPipeline", "build_standin", "build_standin_catalog", "register"]
+__all__ = ["SLOWDOWN_ENV", "StandinPipeline", "build_standin", "build_standin_catalog", "register", "slowdown"]
+
+SLOWDOWN_ENV = "RENDERFLEET_STANDIN_SLOWDOWN"
+
+
+def slowdown() -> float:
+    """This process's sleep factor from SLOWDOWN_ENV (a node's environment reaches its workers); 1 when unset."""
+    try:
+        return max(0.0, float(os.environ.get(SLOWDOWN_ENV, "1") or 1))
+    except ValueError:
+        return 1.0
 
 
 class StandinPipeline(DiffusionPipeline):
-    """Sleeps `ms_per_call + ms_per_image * batch` per call, then returns flat images of the requested size."""
+    """Sleeps `(ms_per_call + ms_per_image * batch) * slowdown()` per call, then returns flat images of the requested size."""
 
     def __init__(self, ms_per_image: float = 0.0, ms_per_call: float = 0.0):
         super().__init__()
@@ -36,7 +50,7 @@ class StandinPipeline(DiffusionPipeline):
                  num_inference_steps: int = 1, generator: Any = None, output_type: str = "pil",
                  return_dict: bool = True) -> ImagePipelineOutput | tuple:
         prompts = [prompt] if isinstance(prompt, str) or prompt is None else list(prompt)
-        delay = self.config.ms_per_call + self.config.ms_per_image * len(prompts)
+        delay = (self.config.ms_per_call + self.config.ms_per_image * len(prompts)) * slowdown()
         if delay > 0:
             time.sleep(delay / 1000.0)
         # A flat colour per prompt: cheap to make, and not free to encode (finishing still has work to do).
