@@ -64,7 +64,7 @@ class Probe:
 def section_h(ctx: Ctx) -> dict[str, Any]:
     import ray
 
-    from cluster.resources import plan_workers
+    from cluster.resources import node_resources, plan_workers
     from cluster.runtime import connect
     from pipelines.tiny import default_catalog_path
 
@@ -75,7 +75,7 @@ def section_h(ctx: Ctx) -> dict[str, Any]:
     started = time.perf_counter()
     connect()
     ray_s = time.perf_counter() - started
-    plan = plan_workers(ray.cluster_resources())
+    plan = plan_workers(node_resources())
     started = time.perf_counter()
     probe = ray.remote(num_cpus=plan.num_cpus)(Probe).remote()
     ray.get(probe.__ray_ready__.remote())

@@ -99,7 +99,7 @@ def test_every_reader_sees_one_row_per_id(ray_cluster, tmp_path):
     assert len(pd.read_parquet(results_dir(out))) == 2
     assert pa.dataset.dataset(results_dir(out), format="parquet").count_rows() == 2
     glob = os.path.join(results_dir(out), "*.parquet")
-    assert duckdb.sql(f"select count(*), count(distinct id) from '{glob}'").fetchone() == (2, 2)
+    assert duckdb.connect().execute(f"select count(*), count(distinct id) from '{glob}'").fetchall() == [(2, 2)]
     loaded = datasets.load_dataset("parquet", data_files=glob, split="train", cache_dir=str(tmp_path / "hf"))
     assert sorted(zip(loaded["id"], loaded["status"])) == [("a", "ok"), ("b", "ok")]
 

@@ -58,7 +58,8 @@ def test_fetch_twice_downloads_once(model_uri, tmp_path, monkeypatch):
     assert _mtimes(first) == before
     assert _tree(first) == FAKE_MODEL
     # Nothing else in the cache root but the model dir and its lock file.
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([first.name, first.name + ".lock"])
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([first.name, first.name + ".lock", "fetches.jsonl"])
+    assert len((tmp_path / "cache" / "fetches.jsonl").read_text().splitlines()) == 1  # one download logged
 
 
 def test_changed_object_gives_a_new_dir(model_uri, tmp_path):
@@ -111,7 +112,8 @@ def test_concurrent_processes_share_one_download(model_uri, tmp_path):
     assert len(dirs) == 1
     target = Path(dirs.pop())
     assert _tree(target) == FAKE_MODEL
-    assert sorted(p.name for p in cache_root.iterdir()) == sorted([target.name, target.name + ".lock"])
+    assert sorted(p.name for p in cache_root.iterdir()) == sorted([target.name, target.name + ".lock", "fetches.jsonl"])
+    assert len((cache_root / "fetches.jsonl").read_text().splitlines()) == 1  # one download, whoever asked
     assert all(p.exitcode == 0 for p in procs)
 
 
