@@ -14,7 +14,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BENCH_ENV, ROOT, apply_env, write_manifest
+from bench.run import stop_group
 
 STORE = 100 * 1024 * 1024
 ACTOR_CLASS = "MapBatches(Renderer)"  # Ray Data names the pool's actors MapWorker(MapBatches(Renderer))
@@ -65,19 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         return proc.wait()
     finally:
         stop_group(proc)
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """Ends the child's process group, Ray's daemons too (gcs_server and raylet ignore SIGTERM)."""
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def factors(text: str, nodes: int) -> list[float]:

@@ -96,7 +96,7 @@ def run_section(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any
         except subprocess.TimeoutExpired:
             pass
         finally:
-            _stop_group(proc)
+            stop_group(proc)
     if result.exists():
         return json.loads(result.read_text())
     why = f"timed out after {timeout:.0f} s" if time.perf_counter() - started >= timeout else f"exited {proc.returncode}"
@@ -104,7 +104,7 @@ def run_section(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any
             "targets": [], "elapsed_s": time.perf_counter() - started}
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
+def stop_group(proc: subprocess.Popen) -> None:
     """Ends the section's process group: Ray's gcs_server and raylet ignore SIGTERM, so SIGKILL after a grace."""
     for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         try:
