@@ -23,9 +23,10 @@ import json
 import os
 import sys
 import tempfile
+import statistics
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,6 +54,8 @@ class Plan:
     offload_size: int = 1024
     compile_size: int = 512
     compile_backend: str = "inductor"
+    archs: tuple[str, ...] = ARCHS
+    repeats: int = 1  # timed calls per variant; the median counts
 
     @classmethod
     def smoke(cls) -> Plan:
@@ -142,7 +145,7 @@ class RendererRuns:
         self.renderer.pool.adopt(self.renderer.catalog.pipeline(arch), pipe)
 
     def call(self, arch: str, size: int, batch: int) -> Callable[[int], Any]:
-        def run(steps: int) -> Any:
+        def run(steps: int) -> float:
             self.count += 1
             rows = [{"id": f"{arch}-{size}-{batch}-{self.count}-{i}", "prompt": PROMPT, "model": arch, "width": size,
                      "height": size, "num_inference_steps": steps, "seed": i} for i in range(batch)]
@@ -150,6 +153,9 @@ class RendererRuns:
             bad = [r for r in results if r["status"] != "ok"]
             if bad:
                 raise RuntimeError(f"renderer rows not ok: {bad[0].get('error') or bad[0].get('filter_reason')}")
+            from cluster.overlap import intervals
+            start, end = intervals(list(self.renderer.overlap.events), "render")[-1]
+            return end - start  # checks and the pipeline call; the rest of the call is finishing
         return run
 
 
@@ -160,12 +166,21 @@ def measure(rec: Recorder, plan: Plan, device: torch.device, row: dict[str, Any]
         return {**row, "note": "skipped: guard"}
     try:
         call(plan.short_steps)  # warm-up (cuDNN autotuning, allocator)
-        short = _timed(device, lambda: call(plan.short_steps))
-        full = _timed(device, lambda: call(plan.steps))
+        shorts, fulls, pipes = [], [], []
+        for _ in range(plan.repeats):
+            shorts.append(_timed(device, lambda: call(plan.short_steps)))
+            fulls.append(_timed(device, lambda: pipes.append(call(plan.steps))))
     except Exception as e:  # noqa: BLE001 - one failed variant must not stop the check
         return {**row, "note": f"failed: {type(e).__name__}: {str(e)[:160]}"}
+    short, full = statistics.median(shorts), statistics.median(fulls)
     step = (full - short) / (plan.steps - plan.short_steps)
-    return {**row, "step_ms": step * 1e3, "images_per_s": row["batch"] / full, "total_s": full, "peak_gib": _peak(device)}
+    out = {**row, "step_ms": step * 1e3, "images_per_s": row["batch"] / full, "total_s": full, "peak_gib": _peak(device)}
+    if plan.repeats > 1:
+        out["full_s_each"] = [round(t, 4) for t in fulls]
+    if all(isinstance(p, float) for p in pipes):  # the renderer: its pipeline call apart from finishing
+        out["pipe_s"] = statistics.median(pipes)
+        out["note"] = f"pipeline call {out['pipe_s']:.2f} s, finishing {full - out['pipe_s']:.2f} s"
+    return out
 
 
 def _peak(device: torch.device) -> float | None:
@@ -185,7 +200,7 @@ def throughput(rec: Recorder, plan: Plan, device: torch.device, dtype: torch.dty
         renderer_note = ""
     except Exception as e:  # noqa: BLE001 - e.g. a renderer dependency missing on the device machine
         renderer, renderer_note = None, f"renderer unavailable: {type(e).__name__}: {str(e)[:120]}"
-    for arch in ARCHS:
+    for arch in plan.archs:
         if rec.left() < 10:
             break
         pipe = build(arch, device, dtype, smoke)
@@ -260,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guard-seconds", type=float, default=300.0, help="overall time limit; what finished is kept")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--smoke", action="store_true", help="tiny widths, sizes and steps: the code path on CPU in seconds")
+    p.add_argument("--archs", default=None, help=f"throughput: comma-separated subset of {','.join(ARCHS)}")
+    p.add_argument("--sizes", default=None, help="throughput: comma-separated sizes (default 512,1024)")
+    p.add_argument("--batches", default=None, help="throughput and compile: comma-separated batch sizes (default 1,4)")
+    p.add_argument("--repeats", type=int, default=1, help="timed calls per variant (the median counts)")
     args = p.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
     unknown = set(sections) - set(SECTIONS)
@@ -268,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     plan = Plan.smoke() if args.smoke else Plan()
+    try:
+        plan = replace(plan, repeats=max(1, args.repeats), **_filters(args))
+    except ValueError as e:
+        p.error(str(e))
     if args.smoke and device.type == "cpu":
         torch.set_num_threads(1)  # tiny models: 1 thread is fastest, and 2 stall when the other core is busy
     out = Path(args.out or tempfile.mkdtemp(prefix="rf-bench-gpu-"))
@@ -287,6 +310,24 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + rec.table() + ("\n[guard expired]" if cut else ""), flush=True)
     (out / "gpu-table.txt").write_text(rec.table() + ("\n[guard expired]\n" if cut else "\n"))
     return 3 if cut else 0
+
+
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    """The plan's fields the command line narrows; unknown architectures and non-numbers are refused."""
+    picked: dict[str, Any] = {}
+    if args.archs:
+        archs = tuple(a for a in args.archs.split(",") if a)
+        if set(archs) - set(ARCHS):
+            raise ValueError(f"unknown archs: {', '.join(sorted(set(archs) - set(ARCHS)))} (known: {', '.join(ARCHS)})")
+        picked["archs"] = archs
+    for name in ("sizes", "batches"):
+        value = getattr(args, name)
+        if value:
+            try:
+                picked[name] = tuple(int(v) for v in value.split(",") if v)
+            except ValueError:
+                raise ValueError(f"--{name} takes comma-separated integers, got {value!r}") from None
+    return picked
 
 
 def _expired(rec: Recorder) -> None:

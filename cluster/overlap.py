@@ -14,8 +14,10 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from ray.data import ActorPoolStrategy
+if TYPE_CHECKING:
+    from ray.data import ActorPoolStrategy
 
 EVENTS_KEPT = 4096  # recent render/finish events per actor, for tests and profiling
 
@@ -96,6 +98,8 @@ def overlapped(events: list[tuple[float, int, str]]) -> tuple[float, float]:
 def render_pool(workers: int, depth: int, max_workers: int | None = None) -> ActorPoolStrategy:
     """The renderer actor pool: `depth` calls per actor run at once, so one renders while the others finish.
     With `max_workers` above `workers` it is elastic: Ray Data adds actors while rows queue, up to the max."""
+    from ray.data import ActorPoolStrategy  # here, so the renderer imports without Ray (bench gpu)
+
     sizes: dict[str, int] = ({"min_size": workers, "max_size": max_workers} if max_workers and max_workers > workers
                              else {"size": workers})
     if depth <= 1:

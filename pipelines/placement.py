@@ -71,11 +71,17 @@ def free_device_bytes(device: torch.device) -> int | None:
 
 
 def group_offload(pipe: DiffusionPipeline, onload: torch.device, blocks: int = 1) -> None:
-    """diffusers' group offloading over every component: `blocks` per group (0: leaf level), streamed on CUDA."""
+    """diffusers' group offloading over every component but the VAE: `blocks` per group (0: leaf level), streamed on CUDA.
+
+    The VAE stays on the device: it is small next to its own activations, and fp16 pipelines with
+    `force_upcast` (SDXL) re-cast it to fp32 for decoding, which the hooks' offloaded copies do not follow
+    (seen on an H200: "Input type (float) and bias type (c10::Half) should be the same").
+    """
     stream = onload.type == "cuda" and torch.cuda.is_available()
     level = {"offload_type": "leaf_level"} if blocks == 0 else {"offload_type": "block_level", "num_blocks_per_group": blocks}
+    keep = [name for name in ("vae",) if isinstance(getattr(pipe, name, None), torch.nn.Module)]
     pipe.enable_group_offload(onload_device=onload, offload_device=torch.device("cpu"), use_stream=stream,
-                              non_blocking=stream, **level)
+                              non_blocking=stream, exclude_modules=keep or None, **level)
 
 
 def chunk_feed_forward(pipe: DiffusionPipeline) -> int:

@@ -97,8 +97,9 @@ def test_group_offload_installs_hooks_and_matches(sd_source, plain):
     for blocks in (1, 0):  # block level, leaf level
         pipe = fresh(sd_source)
         group_offload(pipe, CPU, blocks)  # CPU onload: the same hooks an accelerator gets, minus streams
-        for name in ("unet", "vae", "text_encoder"):
+        for name in ("unet", "text_encoder"):
             assert hooked(getattr(pipe, name)), (blocks, name)
+        assert not hooked(pipe.vae)  # resident: fp16 SDXL re-casts it for decoding, which the hooks do not follow
         assert len(hooked(pipe.unet)) > 1
         assert close(render(pipe), plain[1])
 
