@@ -78,7 +78,8 @@ def _plan(workers: int, per_node: list[tuple[float, int]], gpus: float, max_work
           resources: Mapping[str, float] | None = None) -> WorkerPlan:
     """`per_node`: (CPUs, actors it may hold) for every node actors may use."""
     fits = min((cpus - TASK_CPUS) / actors for cpus, actors in per_node)
-    num_cpus = round(max(0.05, min(1.0, fits)), 3)
+    # Rounded down: 4 actors of round(0.4375, 3) = 0.438 CPU on 2 CPUs left 0.248 for tasks asking 0.25 (a hang).
+    num_cpus = max(0.05, min(1.0, math.floor(fits * 1000 + 1e-6) / 1000))
     threads = max(1, min(math.floor(cpus / actors) for cpus, actors in per_node))
     top = max(workers, max_workers) if max_workers else None
     return WorkerPlan(workers, num_cpus, gpus, threads, top if top and top > workers else None, dict(resources or {}))
