@@ -1,10 +1,16 @@
 """Cluster-wide bookkeeping as Ray Data jobs: the manifest's id checks, skipping finished rows, and
-compacting results, each hash-partitioned by id, so the driver never holds anything per row."""
+compacting results, each hash-partitioned by id, so the driver never holds anything per row. Jobs of up
+to LOCAL_ROWS rows do the same in the driver, with the same functions, since a shuffle's start-up would
+cost them more than the work."""
 
 from __future__ import annotations
 
+import io
+from collections.abc import Iterable
+
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 from ray.data import DataContext, Dataset
@@ -12,12 +18,15 @@ from ray.data import DataContext, Dataset
 from cluster.reading import read_parquet_files
 from cluster.resources import TASK_CPUS
 
-from storage.fs import atomic_output, delete, filesystem, join
+from storage.fs import atomic_output, delete, filesystem, join, read_bytes
 from storage.ledger import FINAL_STATUSES, FINISHED, MANIFEST, RANK, IdReport, best_rows, conform, id_report, id_rows, ranked
-from storage.results import COMPACTED, RESULT_SCHEMA, legacy_parts, result_files, results_dir
+from storage.results import COMPACTED, RESULT_SCHEMA, legacy_parts, read_results, result_files, results_dir
 
 ROWS_PER_PARTITION = 1_000_000  # rows one shuffle partition holds; small jobs get one partition
 MAX_PARTITIONS = 200
+# Up to this many manifest rows and recorded results, the driver does the bookkeeping itself (at most a few
+# MB of ids): each Ray Data shuffle costs seconds of start-up, which is most of a small job's overhead.
+LOCAL_ROWS = 50_000
 
 
 def partitions(rows: int) -> int:
@@ -67,6 +76,34 @@ def ranked_results(out: str, columns: list[str] | None = None) -> tuple[Dataset,
 def _finished_ids(table: pa.Table) -> pa.Table:
     final = table.filter(pc.is_in(table["status"], value_set=pa.array(FINAL_STATUSES)))
     return id_rows(final["id"], FINISHED)
+
+
+def recorded_rows(out: str) -> int:
+    """Rows recorded under OUT so far (log parts and the compacted table), from footers only."""
+    return _footers(out)[2]
+
+
+def local_ids(manifest: pads.Dataset, out: str) -> tuple[IdReport, pa.Array]:
+    """`check_ids` and the finished ids of a small job, in the driver: the id columns read once, no shuffle.
+    The report is the one partition `id_report` sees, as in the distributed check."""
+    table = id_rows(manifest.to_table(columns=["id"])["id"], MANIFEST)
+    parts = [pq.read_table(io.BytesIO(read_bytes(uri)), columns=["id", "status"]) for uri in result_files(out)]
+    finished = pa.array([], pa.string())
+    if parts:
+        final = _finished_ids(pa.concat_tables(parts, promote_options="permissive"))
+        finished = pc.unique(final["id"].combine_chunks())
+        table = pa.concat_tables([table, final], promote_options="permissive")
+    return id_report(table), finished
+
+
+def _drop(table: pa.Table, finished: ray.ObjectRef) -> pa.Table:
+    return table.filter(pc.invert(pc.is_in(table["id"], value_set=ray.get(finished))))
+
+
+def without(manifest: Dataset, finished: pa.Array) -> Dataset:
+    """The manifest rows whose ids are not in `finished` (a small job's set: one object, not one per task)."""
+    return manifest.map_batches(_drop, fn_kwargs={"finished": ray.put(finished)}, batch_format="pyarrow",
+                                batch_size=None, num_cpus=TASK_CPUS)
 
 
 def finished_ids(out: str) -> Dataset | None:
@@ -126,16 +163,19 @@ def compact(out: str) -> str | None:
     so a killed compaction loses nothing, and running it again gives the same table. Parts an older
     version left directly in results/ are folded in, then removed.
     """
-    found = ranked_results(out)
-    if found is None:
+    uris, schema, rows = _footers(out)
+    if not uris:
         return None
-    _quiet()
-    ds, rows, schema = found
-    best = ds.repartition(partitions(rows), keys=["id"]).map_batches(_best_sorted, batch_format="pyarrow",
-                                                                    batch_size=None)
+    if rows <= LOCAL_ROWS:  # the driver reads them all (what `read_results` does): no shuffle to start
+        blocks: Iterable[pa.Table] = [read_results(out).sort_by("id")]  # one row per id already
+    else:
+        _quiet()
+        ds, rows, schema = ranked_results(out)  # type: ignore[misc] - there are files
+        blocks = ds.repartition(partitions(rows), keys=["id"]).map_batches(
+            _best_sorted, batch_format="pyarrow", batch_size=None).iter_batches(batch_size=None, batch_format="pyarrow")
     uri = join(results_dir(out), COMPACTED)
     with atomic_output(uri) as sink, pq.ParquetWriter(sink, schema) as writer:
-        for block in best.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for block in blocks:
             writer.write_table(conform(block, schema))
     for part in legacy_parts(out):  # their rows are in the compacted table now
         delete(part)

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import ray
 
 from cluster.batch import read_manifest, render_dataset
-from cluster.ledger import check_ids, compact, finished_ids, unfinished
+from cluster.ledger import LOCAL_ROWS, check_ids, compact, finished_ids, local_ids, recorded_rows, unfinished, without
 from cluster.model_pool import PoolOptions
 from cluster.renderer import RendererConfig, storage_env
 from cluster.resources import node_resources, plan_workers
@@ -171,10 +171,13 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
     check_files(dataset)
     total = dataset.count_rows()  # from the files' footers
     connect(job.address)
-    # Ids are checked and finished rows found by shuffles across the cluster: nothing per row on the driver.
     rows = read_manifest(manifest)
-    finished = finished_ids(out)
-    ids = check_ids(rows, finished, total)
+    small = total <= LOCAL_ROWS and recorded_rows(out) <= LOCAL_ROWS
+    if small:  # checked here: a shuffle's start-up would cost more than the work
+        ids, done = local_ids(dataset, out)
+    else:  # ids checked and finished rows found by shuffles across the cluster: nothing per row on the driver
+        finished = finished_ids(out)
+        ids = check_ids(rows, finished, total)
     if ids.problem():
         raise ManifestError(ids.problem())
     run_log = None if is_remote(out) else log_to_file(os.path.join(out, "logs", f"{run_id}.log"))  # a usable manifest: OUT is ours
@@ -210,7 +213,11 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
         progress = Progress(pending, stream, started=started)
         batches = None
         try:
-            ds = render_dataset(unfinished(rows, finished if skipped else None, total), config, plan, job.batch_size)
+            if not skipped:
+                left = rows
+            else:
+                left = without(rows, done) if small else unfinished(rows, finished, total)
+            ds = render_dataset(left, config, plan, job.batch_size)
             batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
             for batch in batches:
                 statuses = batch["status"].to_pylist()

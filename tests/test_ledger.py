@@ -21,8 +21,10 @@ pytestmark = pytest.mark.timeout(240)
 
 @pytest.fixture
 def small_partitions(monkeypatch):
-    """A few rows per partition, so every operation really spreads over several partitions."""
+    """A few rows per partition, so every operation really spreads over several partitions (and no job is
+    small enough for the driver to do it alone)."""
     monkeypatch.setattr(ledger, "ROWS_PER_PARTITION", 3)
+    monkeypatch.setattr(ledger, "LOCAL_ROWS", 0)
 
 
 def _results(*items, extra: dict | None = None) -> pa.Table:
@@ -104,7 +106,7 @@ def test_every_reader_sees_one_row_per_id(ray_cluster, tmp_path):
     assert sorted(zip(loaded["id"], loaded["status"])) == [("a", "ok"), ("b", "ok")]
 
 
-def test_a_failed_compaction_leaves_the_old_table(ray_cluster, tmp_path, monkeypatch):
+def test_a_failed_compaction_leaves_the_old_table(ray_cluster, tmp_path, monkeypatch, small_partitions):
     out = str(tmp_path)
     _write(out, "20260101T000000Z-aaaaaa", _results(("a", "ok", 1)))
     first = pq.read_table(ledger.compact(out))
@@ -119,3 +121,26 @@ def test_a_failed_compaction_leaves_the_old_table(ray_cluster, tmp_path, monkeyp
     assert pq.read_table(os.path.join(results_dir(out), COMPACTED)).equals(first)
     assert sorted(os.listdir(results_dir(out))) == ["_log", COMPACTED]  # no temporary left behind
     assert sorted(read_results(out)["id"].to_pylist()) == ["a", "b"]  # the log still has every row
+
+
+def test_small_jobs_keep_the_books_in_the_driver_with_the_same_answers(ray_cluster, tmp_path, monkeypatch):
+    """Up to LOCAL_ROWS, ids are checked, finished rows dropped and results compacted without a shuffle:
+    the answers equal the distributed ones on the same files."""
+    out = str(tmp_path / "out")
+    _write(out, "20260101T000000Z-aaaaaa", _results(("d", "ok", 1), ("e", "failed", 2), ("f", "filtered", 3),
+                                                     ("zz", "ok", 4), ("d", "failed", 1)))
+    _write(out, "20260102T000000Z-bbbbbb", _results(("e", "ok", 2), ("g", "failed", 5)))
+    path = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"id": list("defghijd"), "prompt": ["p"] * 8}), path)
+    report, finished = ledger.local_ids(pa.dataset.dataset(path), out)
+    assert report.problem() == "manifest has 1 duplicate ids: 'd' (x2)" and report.finished == 3  # d, e, f
+    distributed = ledger.check_ids(ray.data.read_parquet(path), ledger.finished_ids(out), 8)
+    assert report == distributed
+    assert sorted(finished.to_pylist()) == ["d", "e", "f", "zz"]
+    left = ledger.without(ray.data.read_parquet(path), finished).take_all()
+    assert sorted(r["id"] for r in left) == ["g", "h", "i", "j"]
+
+    local = pq.read_table(ledger.compact(out))  # 7 rows recorded: in the driver
+    monkeypatch.setattr(ledger, "LOCAL_ROWS", 0)
+    assert pq.read_table(ledger.compact(out)).equals(local)  # through the shuffle: the same file
+    assert local["id"].to_pylist() == ["d", "e", "f", "g", "zz"] and local["status"].to_pylist()[:2] == ["ok", "ok"]
