@@ -180,3 +180,83 @@ def section_result(title: str, figures: dict[str, float], units: dict[str, str],
     """The one shape every section returns (bench/report.py reads it)."""
     return {"title": title, "figures": {k: float(v) for k, v in figures.items()}, "units": units,
             "targets": targets, "settings": settings, "notes": notes, "plot": plot}
+
+
+class CpuProfile:
+    """CPU seconds per process role while a job runs (sampled, so processes that exit mid-run still count):
+    on a CPU-only machine every second Ray, the driver or another job spends is a second the renderer lost."""
+
+    def __init__(self, every_s: float = 0.25):
+        import threading
+
+        self.every_s = every_s
+        self.first: dict[int, tuple[str, float]] = {}
+        self.last: dict[int, float] = {}
+        self.started = self.wall_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "CpuProfile":
+        self._sample(baseline=True)
+        self.started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.wall_s = time.perf_counter() - self.started
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample()
+
+    def _sample(self, baseline: bool = False) -> None:
+        import psutil
+
+        for p in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
+            times = p.info["cpu_times"]
+            if times is None:
+                continue
+            used = times.user + times.system
+            if p.pid not in self.first:  # a process born during the run counts from zero
+                self.first[p.pid] = (_role(p.info, os.getpid()), used if baseline else 0.0)
+            self.last[p.pid] = used
+
+    def by_role(self) -> dict[str, float]:
+        """CPU seconds per role over the run, largest first."""
+        roles: dict[str, float] = {}
+        for pid, (role, first) in self.first.items():
+            roles[role] = roles.get(role, 0.0) + max(0.0, self.last.get(pid, first) - first)
+        return dict(sorted(((r, s) for r, s in roles.items() if s >= 0.05), key=lambda kv: -kv[1]))
+
+    def lines(self) -> list[str]:
+        cores = os.cpu_count() or 1
+        total = self.wall_s * cores
+        return [f"{role}: {s:.1f} CPU s ({s / total:.0%} of {cores} cores × {self.wall_s:.1f} s)"
+                for role, s in self.by_role().items()]
+
+
+def _role(info: dict[str, Any], me: int) -> str:
+    """A process's role: this driver, a Ray worker by its title (the renderer actor, a read task...), Ray's own
+    daemons by name, or anything else on the machine."""
+    if info["pid"] == me:
+        return "driver (this process)"
+    cmd = " ".join(info.get("cmdline") or [])
+    name = info.get("name") or ""
+    if cmd.startswith("ray::"):
+        title = cmd.split()[0].removeprefix("ray::")
+        return "ray worker: " + ("idle" if title == "IDLE" else title.split(".")[0][:60])
+    for daemon in ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env", "monitor.py"):
+        if daemon in name or daemon in cmd:
+            return f"ray daemon: {daemon.removesuffix('.py')}"
+    return "other processes"
+
+
+def mean_render_s(out: Path) -> float:
+    """A job's mean render_s per row: each row's share of its batch's pipeline call plus its own write."""
+    from storage.results import read_results
+
+    values = [v for v in read_results(str(out))["render_s"].to_pylist() if v is not None]
+    return sum(values) / len(values) if values else 0.0
