@@ -1,5 +1,5 @@
 """Multi-node runs on a real `cluster_utils` cluster on 127.0.0.1: 1-CPU nodes, and losing a node mid-job.
-Each case runs tests/multinode_kit.py in its own process (one Ray cluster per process)."""
+Cases run in tests/multinode_kit.py processes (one Ray cluster per process, shared by the cases given to it)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from storage.results import absolute_uri, read_results
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(1000)  # the first test also runs the shared cluster's three jobs
 KIT = os.path.join(os.path.dirname(__file__), "multinode_kit.py")
 
 
@@ -26,13 +26,37 @@ def _manifest(path: str, rows: int, size: int, steps: int) -> str:
     return path
 
 
-def _kit(*args: str) -> dict:
+def _kit(*args: str) -> list[dict]:
+    """Runs the kit's cases on one cluster; the figures of each case, in order."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    proc = subprocess.run([sys.executable, KIT, *args], capture_output=True, text=True, timeout=560, env=env,
+    proc = subprocess.run([sys.executable, KIT, *args], capture_output=True, text=True, timeout=900, env=env,
                           start_new_session=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("FIGURES ")]
     assert lines, f"kit failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("FIGURES "):])
+    return [json.loads(line[len("FIGURES "):]) for line in lines]
+
+
+def _case(manifest: str, out: str, **options: int) -> str:
+    return json.dumps({"manifest": manifest, "out": out, **options})
+
+
+ONE_CPU_ROWS, LOSS_ROWS, DRIVER_ROWS = 60, 60, 50  # the undisturbed job is the node-loss job's yardstick
+
+
+@pytest.fixture(scope="module")
+def one_cpu_nodes(tmp_path_factory, tiny_catalog) -> dict[str, tuple[dict, str]]:
+    """Three jobs on one cluster of two 1-CPU nodes: undisturbed, a node lost, a node and the driver lost.
+    Sharing the cluster saves two cluster starts; the kit replaces the removed node between cases."""
+    root = tmp_path_factory.mktemp("multinode")
+    jobs = {"plain": (ONE_CPU_ROWS, {}), "node_loss": (LOSS_ROWS, {"remove_after": 10}),
+            "driver_loss": (DRIVER_ROWS, {"remove_after": 8, "kill_driver_after": 16})}
+    cases, outs = [], {}
+    for name, (rows, options) in jobs.items():
+        outs[name] = str(root / name / "out")
+        os.makedirs(root / name)
+        cases += ["--case", _case(_manifest(str(root / name / "m.parquet"), rows, 64, 2), outs[name], **options)]
+    ran = {f["case"]: f for f in _kit("--catalog", tiny_catalog, "--nodes", "1,1", *cases)}
+    return {name: (ran.get(i, {"error": "the kit ended before this case"}), outs[name]) for i, name in enumerate(jobs)}
 
 
 def _exactly_once_and_whole(out: str, ids: list[str]) -> None:
@@ -47,14 +71,14 @@ def _exactly_once_and_whole(out: str, ids: list[str]) -> None:
     assert not leftovers
 
 
-def test_nodes_of_one_cpu_each_run_the_job(tmp_path, tiny_catalog):
+def test_nodes_of_one_cpu_each_run_the_job(one_cpu_nodes):
     """The plan sizes actors per node: 0.75 CPU each on 1-CPU nodes, leaving room for the read tasks."""
-    manifest = _manifest(str(tmp_path / "m.parquet"), 30, 64, 2)
-    figures = _kit("--manifest", manifest, "--catalog", tiny_catalog, "--out", str(tmp_path / "out"), "--nodes", "1,1")
+    figures, out = one_cpu_nodes["plain"]
+    print("undisturbed:", {k: v for k, v in figures.items() if k not in ("ids", "status")})
     assert "error" not in figures, figures.get("error")
-    assert figures["counts"] == {"ok": 30}
+    assert figures["counts"] == {"ok": ONE_CPU_ROWS}
     assert "on 2 workers (cpu=0.75" in figures["plan"][0]
-    _exactly_once_and_whole(str(tmp_path / "out"), [f"row.{i:04d}" for i in range(30)])
+    _exactly_once_and_whole(out, [f"row.{i:04d}" for i in range(ONE_CPU_ROWS)])
 
 
 def test_weights_are_fetched_once_per_node(tmp_path, tiny_catalog, s3_server):
@@ -75,36 +99,31 @@ def test_weights_are_fetched_once_per_node(tmp_path, tiny_catalog, s3_server):
     catalog_path = Path(tiny_catalog).with_name(f"catalog-s3-{tmp_path.name}.yaml")
     catalog_path.write_text(yaml.safe_dump(catalog))
     manifest = _manifest(str(tmp_path / "m.parquet"), 40, 128, 4)
-    figures = _kit("--manifest", manifest, "--catalog", str(catalog_path), "--out", str(tmp_path / "out"),
-                   "--nodes", "2,2", "--workers", "4")
+    [figures] = _kit("--catalog", str(catalog_path), "--nodes", "2,2",
+                     "--case", _case(manifest, str(tmp_path / "out"), workers=4))
     print("node caches:", {k: figures.get(k) for k in ("plan", "workers", "fetches", "elapsed_s")})
     assert "error" not in figures, figures.get("error")
     assert figures["counts"] == {"ok": 40} and "on 4 workers" in figures["plan"][0]
     assert figures["fetches"] == [1, 1]  # one download per node, shared by its two actors
 
 
-def test_losing_a_node_mid_job_loses_no_row(tmp_path, tiny_catalog):
-    rows = 120
-    manifest = _manifest(str(tmp_path / "m.parquet"), rows, 128, 4)
-    out = str(tmp_path / "out")
-    figures = _kit("--manifest", manifest, "--catalog", tiny_catalog, "--out", out, "--nodes", "1,1",
-                   "--remove-after", "10")
+def test_losing_a_node_mid_job_loses_no_row(one_cpu_nodes):
+    figures, out = one_cpu_nodes["node_loss"]
     print("node loss:", {k: v for k, v in figures.items() if k not in ("ids", "status")})
+    print(f"time to finish: {figures.get('elapsed_s', 0):.1f} s with a node lost after {figures.get('removed_after_ok')} "
+          f"rows vs {one_cpu_nodes['plain'][0].get('elapsed_s', 0):.1f} s undisturbed, same rows and cluster")
     assert "error" not in figures, figures.get("error")
-    assert figures["removed_after_ok"] < rows  # the node went while rows were still rendering
-    assert figures["counts"]["ok"] == rows
-    _exactly_once_and_whole(out, [f"row.{i:04d}" for i in range(rows)])
+    assert figures["removed_after_ok"] < LOSS_ROWS  # the node went while rows were still rendering
+    assert figures["counts"]["ok"] == LOSS_ROWS
+    _exactly_once_and_whole(out, [f"row.{i:04d}" for i in range(LOSS_ROWS)])
 
 
-def test_losing_a_node_and_the_driver_then_rerunning(tmp_path, tiny_catalog):
+def test_losing_a_node_and_the_driver_then_rerunning(one_cpu_nodes):
     """The node goes, then the driver is SIGKILLed; the same command run again finishes every row once."""
-    rows = 80
-    manifest = _manifest(str(tmp_path / "m.parquet"), rows, 128, 4)
-    out = str(tmp_path / "out")
-    figures = _kit("--manifest", manifest, "--catalog", tiny_catalog, "--out", out, "--nodes", "1,1",
-                   "--remove-after", "8", "--kill-driver-after", "20")
+    figures, out = one_cpu_nodes["driver_loss"]
     print("node and driver loss:", {k: v for k, v in figures.items() if k not in ("ids", "status")})
-    assert figures["first_exit"] is None and figures["killed_after_ok"] < rows  # killed while rendering
+    assert "error" not in figures, figures.get("error")
+    assert figures["first_exit"] is None and figures["killed_after_ok"] < DRIVER_ROWS  # killed while rendering
     assert figures["rerun_exit"] == 0, figures
-    _exactly_once_and_whole(out, [f"row.{i:04d}" for i in range(rows)])
-    assert any(line.startswith(f"rows: {rows} in manifest") for line in figures["summary"])
+    _exactly_once_and_whole(out, [f"row.{i:04d}" for i in range(DRIVER_ROWS)])
+    assert any(line.startswith(f"rows: {DRIVER_ROWS} in manifest") for line in figures["summary"])
