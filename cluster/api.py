@@ -63,12 +63,21 @@ class Usage(BaseModel):
     input_tokens_details: dict[str, int] = {"image_tokens": 0, "text_tokens": 0}
 
 
+class RenderCall(BaseModel):
+    """One pipeline call that rendered a request's outputs: its id (per replica) and the rows it rendered, from
+    any request; requests share a call only when model, size, call parameters and adapter set all match."""
+
+    id: str
+    rows: int
+
+
 class RenderUsage(BaseModel):
     """What a request cost us, apart from OpenAI's token keys."""
 
     outputs: int
     steps: int
     compute_s: float
+    calls: list[RenderCall] = []
 
 
 class GenerationResponse(BaseModel):
@@ -84,13 +93,16 @@ class GenerationResponse(BaseModel):
 
 
 def usage_fields(results: list[dict], output_format: str, quality: str | None) -> dict[str, Any]:
-    """The response's size, output_format, quality and usage, from the rendered rows."""
+    """The response's size, output_format, quality and usage, from the rendered rows; `render_usage.calls` names the
+    pipeline calls that rendered them and how many rows (from any request) each rendered."""
     first = results[0] if results else {}
     size = f"{first['width']}x{first['height']}" if first.get("width") and first.get("height") else None
     steps = sum(int(r.get("num_inference_steps") or 0) for r in results)
     compute = sum(float(r.get("render_s") or 0.0) for r in results)
+    calls = {r["call_id"]: r.get("call_rows") for r in results if r.get("call_id")}
     return {"size": size, "output_format": output_format, "quality": quality or "auto", "usage": Usage().model_dump(),
-            "render_usage": {"outputs": len(results), "steps": steps, "compute_s": round(compute, 3)}}
+            "render_usage": {"outputs": len(results), "steps": steps, "compute_s": round(compute, 3),
+                             "calls": [{"id": k, "rows": v} for k, v in calls.items()]}}
 
 
 # What the OpenAPI document says every route may answer: 400 and any other error, all in the error shape.

@@ -85,8 +85,9 @@ class JobStore:
         return records, tombs
 
     def purge(self, job_id: str, record: dict[str, Any] | None) -> None:
-        """Removes a job's outputs, uploads, record and tombstone."""
-        for uri in [*(record or {}).get("outputs", []), *(record or {}).get("uploads", {})]:
+        """Removes a job's outputs (and their video thumbnails), uploads, record and tombstone."""
+        record = record or {}
+        for uri in [*record.get("outputs", []), *filter(None, record.get("thumbnails", [])), *record.get("uploads", {})]:
             delete(uri)
         delete(self._path(job_id))
         delete(self._path(job_id, ".deleted"))

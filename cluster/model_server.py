@@ -6,8 +6,10 @@ by the gateway; rows already rendering finish on their replica, which deletes wh
 """
 
 import asyncio
+import itertools
 import logging
 import time
+import uuid
 from typing import Any
 
 from ray import serve
@@ -15,7 +17,7 @@ from ray.exceptions import RayActorError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from cluster.api import APIError, failure_error, public_message
-from cluster.renderer import Renderer, RendererConfig
+from cluster.renderer import Rendered, Renderer, RendererConfig
 from storage.fs import delete
 
 log = logging.getLogger(__name__)
@@ -26,12 +28,29 @@ UNAVAILABLE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableErro
 _CLEANUPS: set[asyncio.Future] = set()  # background deletions of failed requests' outputs (kept referenced)
 
 
+class CallTaggingRenderer(Renderer):
+    """The Renderer with each result naming the pipeline call that rendered it: `call_id` (unique per replica) and
+    `call_rows` (the rows, from any request, that call rendered), so responses show which requests shared a call.
+
+    One `Rendered` group is one call's outputs (a family that cannot batch runs its group's rows one at a time)."""
+
+    def __init__(self, config: RendererConfig):
+        super().__init__(config)
+        self._replica = uuid.uuid4().hex[:8]
+        self._calls = itertools.count(1)  # next() is atomic: two batches may finish at once
+
+    def _finish_group(self, group: Rendered, rows: list[dict[str, Any]], keep_data: bool) -> list[tuple[Any, dict[str, Any]]]:
+        call = f"{self._replica}-{next(self._calls)}"
+        return [(job, dict(result, call_id=call, call_rows=len(group.jobs)))
+                for job, result in super()._finish_group(group, rows, keep_data)]
+
+
 @serve.deployment
 class ModelServer:
     """One catalog model: a Renderer, fed by Serve's dynamic batching."""
 
     def __init__(self, config: RendererConfig, max_batch_size: int, batch_wait_timeout_s: float):
-        self.renderer = Renderer(config)
+        self.renderer = CallTaggingRenderer(config)
         self._render_batch.set_max_batch_size(max_batch_size)
         self._render_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._wait_s = batch_wait_timeout_s

@@ -45,18 +45,18 @@ def app_states(app_name: str) -> dict[str, ModelState]:
     return states
 
 
-def largest_node() -> dict[str, float]:
-    """The resources of the cluster's largest node (by CPU), for naming why a replica cannot be placed."""
-    import ray
-
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    return max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
-
-
-def unplaceable_reason(needs: dict[str, float], node: dict[str, float]) -> str | None:
-    """Why no node of this size can hold a replica asking `needs`, or None when one could."""
-    short = [f"{k} {v:g} (largest node: {node.get(k, 0):g})" for k, v in needs.items() if v and v > node.get(k, 0)]
-    return "a replica needs " + ", ".join(short) if short else None
+def unplaceable_reason(needs: dict[str, float], nodes: list[dict[str, float]]) -> str | None:
+    """Why no node can hold a replica asking `needs` (CPU, GPU, custom resources), or None when one could: each
+    resource no node has enough of, against the node with the most of it."""
+    needs = {k: v for k, v in needs.items() if v}
+    if any(all(n.get(k, 0) >= v for k, v in needs.items()) for n in nodes):
+        return None
+    most = {k: max((n.get(k, 0) for n in nodes), default=0) for k in needs}
+    short = [f"{k} {v:g} ({f'largest node: {most[k]:g}' if most[k] else 'no node has any'})"
+             for k, v in needs.items() if v > most[k]]
+    if short:
+        return "a replica needs " + ", ".join(short)
+    return "no single node has all of " + ", ".join(f"{k} {v:g}" for k, v in needs.items())
 
 
 class Placement:
@@ -105,8 +105,9 @@ class Placement:
             raise
 
     async def _unplaced(self, model: str) -> str:
-        node = await asyncio.to_thread(largest_node)
-        why = unplaceable_reason(self.needs.get(model, {}), node)
+        from cluster.resources import node_resources
+
+        why = unplaceable_reason(self.needs.get(model, {}), await asyncio.to_thread(node_resources))
         lead = f"no replica of model {model!r} could be placed within {self.timeout_s:g} s"
         return f"{lead}: {why}" if why else f"{lead}: the cluster is busy or the model is still loading; retry later"
 

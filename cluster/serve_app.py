@@ -250,8 +250,10 @@ def build_app(config: ServeConfig, model_names: list[str] | None = None) -> Any:
             autoscaling = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas, "initial_replicas": s.min_replicas,
                            "target_ongoing_requests": s.target_ongoing_requests, "upscale_delay_s": s.upscale_delay_s,
                            "downscale_delay_s": s.downscale_delay_s, "metrics_interval_s": 0.5, "look_back_period_s": 2.0}
-        resources = {"num_cpus": s.num_cpus or config.replica_cpus, "num_gpus": s.num_gpus if gpus else 0}
-        needs[entry.name] = {"CPU": resources["num_cpus"], "GPU": resources["num_gpus"]}
+        resources: dict[str, Any] = {"num_cpus": s.num_cpus or config.replica_cpus, "num_gpus": s.num_gpus if gpus else 0}
+        if s.resources:  # custom resources (accelerator_a100: 1): only nodes that have them take a replica
+            resources["resources"] = {k: float(v) for k, v in s.resources.items()}
+        needs[entry.name] = {"CPU": resources["num_cpus"], "GPU": resources["num_gpus"], **resources.get("resources", {})}
         options: dict[str, Any] = {
             "name": f"model-{entry.name}",
             "max_ongoing_requests": s.max_ongoing_requests,

@@ -1,12 +1,12 @@
 """Async jobs in the shape of OpenAI's video API, for renders that take longer than an HTTP request should.
 
 `POST /v1/videos` (multipart, as the openai SDK sends it, or JSON) and any generation request with
-`"job": true` or `Prefer: respond-async` answer at once with a job object; `GET …/{id}`, `GET …/{id}/content`,
-`GET` (list) and `DELETE …/{id}` follow it, under `/v1/videos`, `/v1/audio/jobs`, `/v1/meshes/jobs` and
-`/v1/images/jobs`. Records live in the output store (cluster/job_store.py): the replica that creates a job
-runs it and writes a heartbeat; any replica takes over a job whose heartbeat is older than the lease (up to
-`job_attempts` runs, then it is failed), and deletes finished jobs, their outputs and uploads, after the
-retention. A mixin of the Gateway (cluster/serve_app.py).
+`"job": true` or `Prefer: respond-async` answer at once with a job object; `GET …/{id}`, `GET …/{id}/content`
+(for a video also `variant=thumbnail`, its first frame), `GET` (list) and `DELETE …/{id}` follow it, under
+`/v1/videos`, `/v1/audio/jobs`, `/v1/meshes/jobs` and `/v1/images/jobs`. Records live in the output store
+(cluster/job_store.py): the replica that creates a job runs it and writes a heartbeat; any replica takes over a
+job whose heartbeat is older than the lease (up to `job_attempts` runs, then it is failed), and deletes finished
+jobs, their outputs, thumbnails and uploads, after the retention. A mixin of the Gateway (cluster/serve_app.py).
 """
 
 import asyncio
@@ -23,17 +23,41 @@ from cluster.api import APIError, VideoGenerationRequest, invalid
 from cluster.gateway_http import app
 from cluster.job_store import ACTIVE, FINISHED, JobStore, new_id, public
 from pipelines.media.formats import format_for_path
-from storage.fs import is_remote, read_bytes
+from pipelines.media.thumbnails import video_thumbnail
+from storage.fs import is_remote, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
 PREFIXES = {"/v1/videos": "video", "/v1/audio/jobs": "audio", "/v1/meshes/jobs": "mesh", "/v1/images/jobs": "image"}
+VARIANTS = {"video": ("video", "thumbnail")}  # content variants per job kind; other kinds serve their output only
 _CHUNK = 1024 * 1024
 
 
 def owner_of(key: str) -> str:
     """Who may see a job: a hash of its API key (never the key itself in the store)."""
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def thumbnail(uri: str) -> tuple[bytes, str, str]:
+    """A video output's first frame as a still: (bytes, extension, content type)."""
+    fmt = format_for_path(uri)
+    return video_thumbnail(read_bytes(uri), fmt.name if fmt else "mp4")
+
+
+def store_thumbnails(outputs: list[str]) -> list[str | None]:
+    """Each video output's thumbnail, written beside it (`<output>.thumbnail.webp`, purged with the job's outputs);
+    None where one could not be made (the content route then makes it on request)."""
+    stored: list[str | None] = []
+    for uri in outputs:
+        try:
+            data, ext, mime = thumbnail(uri)
+            target = f"{uri.rsplit('.', 1)[0]}.thumbnail.{ext}"
+            write_bytes(target, data, mime)
+            stored.append(target)
+        except Exception:  # noqa: BLE001 - a missing thumbnail never fails the job
+            log.exception("cannot make the thumbnail of %s", uri)
+            stored.append(None)
+    return stored
 
 
 def _kind(request: Request) -> str:
@@ -131,6 +155,8 @@ class JobRoutes:
 
         usage = usage_fields(results, record["output_format"], record["quality"])
         record.update(outputs=[r["output_uri"] for r in results], usage=usage["usage"], render_usage=usage["render_usage"])
+        if record["object"] == "video":
+            record["thumbnails"] = await asyncio.to_thread(store_thumbnails, record["outputs"])
         await self._finish(record, "completed")
 
     async def _finish(self, record: dict, status: str, error: dict | None = None) -> None:
@@ -263,18 +289,29 @@ class JobRoutes:
     @app.get("/v1/meshes/jobs/{job_id}/content", response_class=Response)
     @app.get("/v1/images/jobs/{job_id}/content", response_class=Response)
     async def job_content(self, request: Request, job_id: str, variant: str = "video", index: int = 0) -> Response:
-        """The job's output (variant `video`, the SDK's default; for other kinds any variant but thumbnail)."""
+        """The job's output (variant `video`, the SDK's default), or for video jobs `thumbnail`: the first frame as
+        an image (WebP, as OpenAI's). Other kinds take any variant but thumbnail and spritesheet."""
         _, record = await asyncio.to_thread(self._own, request, job_id)
         if record["status"] != "completed":
             raise APIError(409, f"job {job_id} is {record['status']}; its content exists once it is completed",
                            code="job_not_completed")
-        if variant != "video" and (record["object"] == "video" or variant in ("thumbnail", "spritesheet")):
-            raise APIError(400, f"variant {variant!r} is not available (available: video)", param="variant",
-                           code="invalid_value")
+        kind, variants = record["object"], VARIANTS.get(record["object"], ("video",))
+        if variant not in variants and (kind == "video" or variant in ("thumbnail", "spritesheet")):
+            raise APIError(400, f"variant {variant!r} is not available for {kind} jobs (available: {', '.join(variants)})",
+                           param="variant", code="invalid_value")
         if not 0 <= index < len(record["outputs"]):
             raise APIError(400, f"index {index}: the job has {len(record['outputs'])} outputs", param="index",
                            code="invalid_value")
         uri = record["outputs"][index]
+        if variant == "thumbnail":
+            stored = (record.get("thumbnails") or [])[index:index + 1]
+            if not (stored and stored[0]):  # none kept (it failed, or the job is older than thumbnails): make it now
+                try:
+                    data, _, mime = await asyncio.to_thread(thumbnail, uri)
+                except FileNotFoundError:
+                    raise APIError(404, "the job's output no longer exists", code="file_not_found") from None
+                return Response(data, media_type=mime)
+            uri = stored[0]
         fmt = format_for_path(uri)
         media = fmt.mime if fmt else "application/octet-stream"
         if is_remote(uri):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,15 +42,9 @@ class Verdict:
 
 def _video_frames(data: bytes, samples: int) -> list[np.ndarray]:
     """Evenly spaced frames (always the first and last), decoded by the bundled ffmpeg."""
-    import imageio_ffmpeg
+    from pipelines.media.video import mp4_frames
 
-    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
-        f.write(data)
-        f.flush()
-        reader = imageio_ffmpeg.read_frames(f.name)
-        meta = next(reader)
-        w, h = meta["size"]
-        frames = [np.frombuffer(b, np.uint8).reshape(h, w, 3) for b in reader]
+    frames = mp4_frames(data)
     if len(frames) <= samples:
         return frames
     picks = sorted({round(i * (len(frames) - 1) / (samples - 1)) for i in range(samples)})

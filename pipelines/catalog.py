@@ -30,9 +30,10 @@ Schema (unknown keys are errors that name them):
         policy: {...}              # memory and speed, below; a job overrides keys with --policy KEY=VALUE
         serve: {min_replicas, max_replicas, target_ongoing_requests, max_batch_size, batch_wait_timeout_s,
                 max_ongoing_requests, max_queued_requests, upscale_delay_s, downscale_delay_s, num_gpus,
-                enabled, quality, styles}
+                num_cpus, resources, enabled, quality, styles}
             # min_replicas: 1 for the default model, else 0 (scale from zero); enabled: served without --models;
             # quality: {standard: 20, hd: 50, ...} request quality -> steps; styles: {vivid: "text appended to the prompt"}
+            # resources: {accelerator_a100: 1, ...} custom Ray resources each replica asks for (positive amounts)
 
 Policy keys (all optional; applied once, when an actor places the model):
 
@@ -67,18 +68,16 @@ from typing import Any
 import yaml
 
 from pipelines.media.formats import TASKS
+from pipelines.settings import CatalogError, check_keys, typed_settings
 
 KINDS = ("pipeline", "controlnet", "lora", "embedding", "safety_checker")
+SIZED = ("CPU", "GPU", "memory", "object_store_memory")  # not custom resources: serve.num_cpus/num_gpus size a replica
 SAFETY_ACTIONS = ("block", "blur", "flag")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 OFFLOADS = ("none", "model", "sequential", "group", "auto")
 COMPILES = ("none", "regional", "full")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
-
-
-class CatalogError(ValueError):
-    """The catalog file is malformed; the message says where."""
 
 
 class UnknownModel(KeyError):
@@ -173,6 +172,7 @@ class ServeSettings:
     downscale_delay_s: float = 60.0
     num_gpus: float = 1.0  # per replica on GPU clusters (fractions share a GPU)
     num_cpus: float = 0.0  # CPUs per replica (0: the server's --replica-cpus)
+    resources: dict = field(default_factory=dict)  # custom Ray resources per replica (accelerator_a100: 1)
     enabled: bool = False  # served by `renderfleet serve` without --models (the default model always is)
     quality: dict = field(default_factory=dict)  # OpenAI `quality` value -> num_inference_steps; others get a 400
     styles: dict = field(default_factory=dict)  # OpenAI `style` value -> text appended to the prompt; others a 400
@@ -242,7 +242,7 @@ class Catalog:
     @classmethod
     def from_dict(cls, data: Any, base_dir: Path, path: str | None = None) -> Catalog:
         where = path or "catalog"
-        _check_keys(data, {"default_model", "models", "safety"}, where)
+        check_keys(data, {"default_model", "models", "safety"}, where)
         models_raw = data.get("models")
         if not isinstance(models_raw, dict) or not models_raw:
             raise CatalogError(f"{where}: 'models' must be a non-empty mapping")
@@ -259,7 +259,7 @@ class Catalog:
             raise CatalogError(f"{where}: default_model {default!r} is not a pipeline in models")
         if "min_replicas" not in (models_raw[default].get("serve") or {}):  # the default model starts warm
             models[default] = replace(models[default], serve=replace(models[default].serve, min_replicas=1))
-        safety = _settings(SafetySettings, data.get("safety"), f"{where}: safety")
+        safety = typed_settings(SafetySettings, data.get("safety"), f"{where}: safety")
         if safety.action not in SAFETY_ACTIONS:
             raise CatalogError(f"{where}: safety.action {safety.action!r}; expected one of {', '.join(SAFETY_ACTIONS)}")
         if safety.checker and (safety.checker not in models or models[safety.checker].kind != "safety_checker"):
@@ -285,34 +285,8 @@ class Catalog:
         return entry
 
 
-def _check_keys(data: Any, allowed: set[str], where: str) -> None:
-    if not isinstance(data, dict):
-        raise CatalogError(f"{where}: expected a mapping, got {type(data).__name__}")
-    unknown = sorted(set(map(str, data)) - allowed)
-    if unknown:
-        raise CatalogError(f"{where}: unknown keys {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
-
-
-def _settings(cls: type, data: Any, where: str) -> Any:
-    """Builds a settings dataclass from a mapping, checking keys and value types."""
-    if data is None:
-        return cls()
-    fields = cls.__dataclass_fields__
-    _check_keys(data, set(fields), where)
-    defaults = cls()
-    values = {}
-    for k, v in data.items():
-        want = type(getattr(defaults, k))
-        if want is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
-            raise CatalogError(f"{where}.{k}: expected {want.__name__}, got {v!r}")
-        values[k] = v
-    return cls(**values)
-
-
 def _entry(name: str, spec: Any, base_dir: Path, where: str) -> ModelEntry:
-    _check_keys(spec, set(ModelEntry.__dataclass_fields__) - {"name"}, where)
+    check_keys(spec, set(ModelEntry.__dataclass_fields__) - {"name"}, where)
     kind = spec.get("kind", "pipeline")
     if kind not in KINDS:
         raise CatalogError(f"{where}.kind: {kind!r} is not supported (supported: {', '.join(KINDS)})")
@@ -344,7 +318,7 @@ def _entry(name: str, spec: Any, base_dir: Path, where: str) -> ModelEntry:
     defaults = spec.get("defaults") or {}
     if not isinstance(defaults, dict) or any(isinstance(v, (dict, list)) for v in defaults.values()):
         raise CatalogError(f"{where}.defaults: expected a mapping of parameter names to scalar values")
-    policy = check_policy(_settings(Policy, spec.get("policy"), f"{where}.policy"), f"{where}.policy")
+    policy = check_policy(typed_settings(Policy, spec.get("policy"), f"{where}.policy"), f"{where}.policy")
     pipeline_class = spec.get("pipeline_class")
     if pipeline_class is not None and not re.fullmatch(r"[A-Za-z_]\w*", str(pipeline_class)):
         raise CatalogError(f"{where}.pipeline_class: {pipeline_class!r} is not a class name")
@@ -367,14 +341,21 @@ def _entry(name: str, spec: Any, base_dir: Path, where: str) -> ModelEntry:
 
 
 def _serve_settings(data: Any, where: str) -> ServeSettings:
-    """The `serve:` section, with its quality (name -> steps) and style (name -> prompt text) maps checked."""
-    settings = _settings(ServeSettings, data, where)
+    """The `serve:` section, with its quality (name -> steps), style (name -> prompt text) and resources (custom
+    Ray resource -> amount per replica) maps checked."""
+    settings = typed_settings(ServeSettings, data, where)
     for name, steps in settings.quality.items():
         if not isinstance(name, str) or isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise CatalogError(f"{where}.quality.{name}: expected a step count (a positive int), got {steps!r}")
     for name, text in settings.styles.items():
         if not isinstance(name, str) or not isinstance(text, str):
             raise CatalogError(f"{where}.styles.{name}: expected text appended to the prompt, got {text!r}")
+    for name, amount in settings.resources.items():
+        if not isinstance(name, str) or not name or name in SIZED:
+            raise CatalogError(f"{where}.resources.{name}: expected a custom resource name ({', '.join(SIZED)} are not: "
+                               "num_cpus and num_gpus size a replica)")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 < amount < float("inf"):
+            raise CatalogError(f"{where}.resources.{name}: expected a positive amount, got {amount!r}")
     if settings.min_replicas < 0 or settings.max_replicas < max(1, settings.min_replicas):
         raise CatalogError(f"{where}: need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
     return settings

@@ -46,6 +46,30 @@ def test_unknown_keys_are_named(tmp_path):
             Catalog.load(write_catalog(tmp_path / "c.yaml", data))
 
 
+def test_serve_resources_are_custom_ray_resources_with_positive_amounts(tmp_path):
+    (tmp_path / "m").mkdir()
+
+    def serve(resources) -> dict:
+        return {"models": {"a": {"source": "m", "serve": {"resources": resources}}}}
+
+    cat = Catalog.load(write_catalog(tmp_path / "c.yaml", serve({"accelerator_a100": 1, "slice": 0.5})))
+    assert cat.get("a").serve.resources == {"accelerator_a100": 1, "slice": 0.5}
+    assert Catalog.load(write_catalog(tmp_path / "c.yaml", {"models": {"a": {"source": "m"}}})).get("a").serve.resources == {}
+    cases = [
+        (serve(["accelerator_a100"]), r"models\.a\.serve\.resources: expected dict, got \['accelerator_a100'\]"),
+        (serve({"accelerator_a100": 0}), r"models\.a\.serve\.resources\.accelerator_a100: expected a positive amount, got 0"),
+        (serve({"accelerator_a100": -1}), r"serve\.resources\.accelerator_a100: expected a positive amount, got -1"),
+        (serve({"accelerator_a100": "one"}), r"serve\.resources\.accelerator_a100: expected a positive amount, got 'one'"),
+        (serve({"accelerator_a100": True}), r"serve\.resources\.accelerator_a100: expected a positive amount, got True"),
+        (serve({"accelerator_a100": float("inf")}), r"serve\.resources\.accelerator_a100: expected a positive amount, got inf"),
+        (serve({"GPU": 1}), r"serve\.resources\.GPU: expected a custom resource name .*num_cpus and num_gpus size a replica"),
+        (serve({7: 1}), r"serve\.resources\.7: expected a custom resource name"),
+    ]
+    for data, message in cases:
+        with pytest.raises(CatalogError, match=message):
+            Catalog.load(write_catalog(tmp_path / "c.yaml", data))
+
+
 def test_sources_resolve(tmp_path):
     (tmp_path / "local").mkdir()
     cat = Catalog.load(write_catalog(tmp_path / "c.yaml", {"models": {

@@ -1,5 +1,6 @@
 """Issue 14 on a real Serve app on 127.0.0.1 with the official openai SDK: models served by choice and scaled from
-zero, 503s for unplaceable models, async video jobs, quality/style/usage, LoRAs by catalog name, per-key limits.
+zero, 503s for unplaceable models (a custom resource no node has), async video jobs and their thumbnails,
+quality/style/usage, LoRAs by catalog name and batches that never mix adapter sets, per-key limits.
 
 Timings are printed for the closing note, never asserted (the machine is shared)."""
 
@@ -7,12 +8,15 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import yaml
@@ -38,7 +42,8 @@ def online(tmp_path_factory, tiny_catalog, serve_http):
     folder = tmp_path_factory.mktemp("online")
     catalog = serve_catalog(tiny_catalog, folder, {
         "tiny-sd": SD, "tiny-t2v": {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 600.0},
-        "tiny-lcm": {"min_replicas": 0, "max_replicas": 1, "num_cpus": 64.0}, "tiny-lora-sd": {}})
+        "tiny-lcm": {"min_replicas": 0, "max_replicas": 1, "resources": {"accelerator_a100": 1}},  # no node has it
+        "tiny-lora-sd": {}, "tiny-lora-sd-2": {}})
     keys = folder / "keys.yaml"
     keys.write_text(yaml.safe_dump({"keys": {MAIN: {}, LIMITED: {"requests_per_minute": 3, "models": ["tiny-sd"]}}}))
     config = ServeConfig(catalog_path=catalog, store=str(folder / "store"), public_url=serve_http + "/o",
@@ -89,10 +94,21 @@ def test_an_unplaceable_model_answers_503_in_time(online):
     e = caught.value
     assert e.status_code == 503 and int(e.response.headers["retry-after"]) >= 1
     error = e.response.json()["error"]
-    assert error["code"] == "model_unplaceable" and "CPU 64" in error["message"], error
+    assert error["code"] == "model_unplaceable" and "accelerator_a100 1 (no node has any)" in error["message"], error
     assert client(base).models.list().data  # the server is fine afterwards
     metrics = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {MAIN}"}).text
     assert 'renderfleet_refused_total{reason="model_unplaceable",status="503"} 1.0' in metrics
+
+
+def test_the_unplaceable_reason_names_what_no_node_has():
+    from cluster.placement import unplaceable_reason
+
+    nodes = [{"CPU": 8.0}, {"CPU": 1.0, "accel": 1.0}]
+    assert unplaceable_reason({"CPU": 64.0, "GPU": 0}, nodes) == "a replica needs CPU 64 (largest node: 8)"
+    assert unplaceable_reason({"CPU": 0.25, "accelerator_a100": 1}, nodes) == \
+        "a replica needs accelerator_a100 1 (no node has any)"
+    assert unplaceable_reason({"CPU": 0.5, "accel": 1}, nodes) is None  # the smaller node has it: busy, not unplaceable
+    assert unplaceable_reason({"CPU": 2, "accel": 1}, nodes) == "no single node has all of CPU 2, accel 1"
 
 
 def test_models_not_served_are_404(online):
@@ -129,8 +145,36 @@ def test_loras_by_catalog_name_change_the_output(online):
     assert caught.value.response.json()["error"]["code"] == "invalid_lora"
 
 
-def test_a_video_job_completes_and_downloads_a_playable_mp4(online, tmp_path):
-    base, _, _ = online
+def test_online_batches_share_a_pipeline_call_only_within_one_adapter_set(online):
+    """Concurrent requests to one model (max_batch_size 4), half with LoRA A, half with LoRA B: every pipeline call
+    (named in each response's render_usage.calls, with the rows it rendered) holds one adapter set only, and
+    same-adapter requests do share calls."""
+    c = client(online[0])
+    loras = {"A": "tiny-lora-sd", "B": "tiny-lora-sd-2"}
+
+    def one(i: int) -> tuple[str, str, int]:
+        adapter = "AB"[i % 2]
+        r = c.images.generate(model="tiny-sd", prompt=f"a harbour {i}", size="64x64", extra_body={
+            "seed": i, "num_inference_steps": 2, "loras": [{"name": loras[adapter], "scale": 1.0}]})
+        [call] = r.model_extra["render_usage"]["calls"]
+        return adapter, call["id"], call["rows"]
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(16)))
+    calls: dict[str, list[tuple[str, int]]] = {}
+    for adapter, call, rows in answers:
+        calls.setdefault(call, []).append((adapter, rows))
+    print(f"\n16 requests, two LoRAs: calls of {sorted(len(v) for v in calls.values())} rows")
+    for call, seen in calls.items():
+        assert len({adapter for adapter, _ in seen}) == 1, (call, seen)  # never A and B in one call
+        assert {rows for _, rows in seen} == {len(seen)}, (call, seen)  # and no row in it that is not one of these
+    assert any(len(seen) > 1 for seen in calls.values()), calls  # same-adapter requests were batched together
+
+
+def test_a_video_job_completes_and_downloads_a_playable_mp4_and_its_thumbnail(online, tmp_path):
+    import imageio_ffmpeg
+
+    base, store, _ = online
     c = client(base)
     started = time.monotonic()
     job = c.videos.create(model="tiny-t2v", prompt="a drifting cloud", seconds="1", size="64x64")
@@ -150,9 +194,35 @@ def test_a_video_job_completes_and_downloads_a_playable_mp4(online, tmp_path):
     c.videos.download_content(job.id).write_to_file(out)
     assert probe_video(str(out))["codec"] == "h264"
     assert job.id in [v.id for v in c.videos.list()]
+
+    reader = imageio_ffmpeg.read_frames(str(out))  # the first frame as ffmpeg itself decodes it
+    width, height = next(reader)["size"]
+    first = Image.frombytes("RGB", (width, height), next(reader))
+    reader.close()
+    thumb = c.videos.download_content(job.id, variant="thumbnail")
+    assert thumb.response.headers["content-type"] == "image/webp"
+    image = Image.open(io.BytesIO(thumb.content))
+    assert image.format == "WEBP" and image.size == (width, height) == (64, 64)
+    luma = [np.asarray(i.convert("L"), dtype=int) for i in (image, first)]  # lossy WebP halves chroma: compare luma
+    assert np.abs(luma[0] - luma[1]).mean() < 3
+    with pytest.raises(openai.BadRequestError) as caught:
+        c.videos.download_content(job.id, variant="spritesheet")
+    error = caught.value.response.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_value", "variant"), error
+    assert "'spritesheet' is not available for video jobs (available: video, thumbnail)" in error["message"]
+    files = stored_outputs(store)
+    [thumb_path] = [p for p in files if p.endswith(".thumbnail.webp")]  # kept beside the job's MP4 ...
+    assert thumb_path.removesuffix(".thumbnail.webp") + ".mp4" in files
+    record = store / "jobs" / f"{job.id}.json"
+    kept = record.read_text()
+    record.write_text(json.dumps({k: v for k, v in json.loads(kept).items() if k != "thumbnails"}))
+    assert c.videos.download_content(job.id, variant="thumbnail").content == thumb.content  # none kept: made now
+    record.write_text(kept)
+
     assert c.videos.delete(job.id).deleted
     with pytest.raises(openai.NotFoundError):
         c.videos.retrieve(job.id)
+    assert not Path(thumb_path).exists()  # ... and deleted with them
 
 
 def test_a_cancelled_job_publishes_nothing(online):
