@@ -26,7 +26,7 @@ from bench.common import BENCH_ENV, ROOT, apply_env, write_manifest
 from bench.run import stop_group
 
 STORE = 100 * 1024 * 1024
-ACTOR_CLASS = "MapBatches(Renderer)"  # Ray Data names the pool's actors MapWorker(MapBatches(Renderer))
+ACTOR_CLASS = "MapBatches(RenderActor)"  # Ray Data names the pool's actors MapWorker(MapBatches(RenderActor))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -220,8 +220,10 @@ class CpuProfile:
             if times is None:
                 continue
             used = times.user + times.system
-            if p.pid not in self.first:  # a process born during the run counts from zero
-                self.first[p.pid] = (_role(p.info, os.getpid()), used if baseline else 0.0)
+            # A process born during the run counts from zero; its role is re-read, since a Ray worker takes its
+            # title (ray::MapWorker...) only once it runs a task.
+            first = self.first[p.pid][1] if p.pid in self.first else (used if baseline else 0.0)
+            self.first[p.pid] = (_role(p.info, os.getpid()), first)
             self.last[p.pid] = used
 
     def by_role(self) -> dict[str, float]:
@@ -248,15 +250,18 @@ def _role(info: dict[str, Any], me: int) -> str:
     if cmd.startswith("ray::"):
         title = cmd.split()[0].removeprefix("ray::")
         return "ray worker: " + ("idle" if title == "IDLE" else title.split(".")[0][:60])
+    if "default_worker.py" in cmd:
+        return "ray worker: starting"
     for daemon in ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env", "monitor.py"):
-        if daemon in name or daemon in cmd:
+        if daemon in name or daemon in cmd.split(" --")[0]:
             return f"ray daemon: {daemon.removesuffix('.py')}"
     return "other processes"
 
 
-def mean_render_s(out: Path) -> float:
-    """A job's mean render_s per row: each row's share of its batch's pipeline call plus its own write."""
+def median_render_s(out: Path) -> float:
+    """A job's median render_s per row (each row's share of its batch's pipeline call plus its own write): the
+    median, since the first batch's includes the model load."""
     from storage.results import read_results
 
     values = [v for v in read_results(str(out))["render_s"].to_pylist() if v is not None]
-    return sum(values) / len(values) if values else 0.0
+    return statistics.median(values) if values else 0.0

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from bench.common import CpuProfile, Ctx, mean_render_s, run_job, section_result, start_ray, stop_ray, target, tiny_sd_catalog, write_manifest
+from bench.common import CpuProfile, Ctx, median_render_s, run_job, section_result, start_ray, stop_ray, target, tiny_sd_catalog, write_manifest
 
 
 def _shape(ctx: Ctx) -> dict[str, Any]:
@@ -67,7 +67,7 @@ def section_a(ctx: Ctx) -> dict[str, Any]:
     with CpuProfile() as cpu:
         report = run_job(manifest, ctx.work / "job", catalog, workers=1, batch_size=s["batch"], torch_threads=s["threads"])
     stop_ray()
-    job_call_s = mean_render_s(ctx.work / "job") * s["batch"]  # a batch's call and writes, in the job
+    job_call_s = median_render_s(ctx.work / "job") * s["batch"]  # a batch's call and writes, in the job
     gap_s = s["batch"] / report.rows_per_s - job_call_s if report.rows_per_s else 0.0  # between calls
     after = plain_loop(model_dir, rows, s, guidance, ctx.work / "plain-2")  # before and after: drift on a shared machine
     plain = (before["rows_per_s"] + after["rows_per_s"]) / 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -13,7 +14,8 @@ from ray.data import DataContext, Dataset
 
 from cluster.overlap import render_pool
 from cluster.reading import read_parquet_files
-from cluster.renderer import Renderer, RendererConfig, storage_env
+from cluster.render_actor import RenderActor
+from cluster.renderer_config import RendererConfig, storage_env
 from cluster.resources import TASK_CPUS, WorkerPlan, node_resources, plan_workers
 from pipelines.catalog import Catalog
 from storage.fs import filesystem, is_remote
@@ -67,7 +69,7 @@ def render_step(ds: Dataset, config: RendererConfig, plan: WorkerPlan, batch_siz
     """The render step itself, shared by the job and the Python API: rows in, one result row per row out."""
     ds = small_blocks(ds, batch_size)
     return ds.map_batches(
-        Renderer,
+        RenderActor,
         # Each actor's model memory budget follows its GPU share (0.5 GPU: half the device).
         fn_constructor_kwargs={"config": replace(config, pool_options=replace(config.pool_options, gpu_share=plan.num_gpus or 1.0))},
         # One batch renders while the last is finished; an elastic pool grows as rows queue and nodes join.

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from cluster.renderer_config import PoolOptions  # noqa: F401 - its home; re-exported
 from pipelines.adapters import AdapterState
 from pipelines.catalog import Catalog, ModelEntry, Policy, renderfleet_home
 from pipelines.fingerprint import weights_hash
@@ -29,14 +30,6 @@ from storage.fs import is_remote
 from storage.reasons import RowError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PoolOptions:
-    """Per-job pool settings that travel to every actor: policy overrides and the actor's GPU share."""
-
-    policy: dict[str, Any] = field(default_factory=dict)  # Policy KEY -> value, over every catalog entry's policy
-    gpu_share: float = 1.0  # the fraction of one device this actor holds (Ray num_gpus per actor)
 
 
 def share_budget(total_bytes: int, share: float = 1.0) -> int:

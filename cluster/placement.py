@@ -2,8 +2,9 @@
 
 A model that scales from zero gets its first replica because a request is waiting at its handle, so the request
 is sent first and watched: once a replica runs, the request proceeds however long it renders; if none runs
-within the placement timeout (no node can hold one, or it never finishes starting), the request is cancelled
-and answered 503 with the reason, instead of waiting in Serve's queue until the client gives up.
+within the placement timeout and no node can hold one, or none runs within the load timeout although a node
+could (the cluster stays busy, or the checkpoint never finishes loading), the request is cancelled and
+answered 503 with the reason, instead of waiting in Serve's queue until the client gives up.
 """
 
 import asyncio
@@ -62,8 +63,11 @@ def unplaceable_reason(needs: dict[str, float], nodes: list[dict[str, float]]) -
 class Placement:
     """The gateway's view of its models' replicas, refreshed at most every `poll_s` while requests wait."""
 
-    def __init__(self, app_name: str, needs: dict[str, dict[str, float]], timeout_s: float, poll_s: float = 0.5):
+    def __init__(self, app_name: str, needs: dict[str, dict[str, float]], timeout_s: float, poll_s: float = 0.5,
+                 load_timeout_s: float | None = None):
         self.app_name, self.needs, self.timeout_s, self.poll_s = app_name, needs, timeout_s, poll_s
+        # A replica some node can hold is starting (scheduled, loading its checkpoint): a cold start gets this long.
+        self.load_timeout_s = max(timeout_s, load_timeout_s if load_timeout_s is not None else 10 * timeout_s)
         self._states: dict[str, ModelState] = {}
         self._read_at = float("-inf")
         self._lock = asyncio.Lock()
@@ -85,7 +89,8 @@ class Placement:
         known = await self.state(model, fresh=False)
         if known is not None and known.running:
             return await task
-        deadline = time.monotonic() + self.timeout_s
+        started = time.monotonic()
+        deadline = started + self.timeout_s
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=self.poll_s)
@@ -98,17 +103,24 @@ class Placement:
                     raise APIError(503, f"model {model!r} cannot start: {state.message or state.status}",
                                    type_="server_error", code="model_start_failed", headers=self.retry())
                 if time.monotonic() >= deadline:
-                    raise APIError(503, await self._unplaced(model), type_="server_error", code="model_unplaceable",
-                                   headers=self.retry())
+                    why = await self._why(model)
+                    if why is None and deadline < started + self.load_timeout_s:
+                        deadline = started + self.load_timeout_s  # placeable: a cold start, not a stuck model
+                        continue
+                    raise APIError(503, self._unplaced(model, why, time.monotonic() - started), type_="server_error",
+                                   code="model_unplaceable", headers=self.retry())
         except BaseException:
             task.cancel()
             raise
 
-    async def _unplaced(self, model: str) -> str:
+    async def _why(self, model: str) -> str | None:
+        """Why no node can hold the model's replica, None when one could (then it is busy or still loading)."""
         from cluster.resources import node_resources
 
-        why = unplaceable_reason(self.needs.get(model, {}), await asyncio.to_thread(node_resources))
-        lead = f"no replica of model {model!r} could be placed within {self.timeout_s:g} s"
+        return unplaceable_reason(self.needs.get(model, {}), await asyncio.to_thread(node_resources))
+
+    def _unplaced(self, model: str, why: str | None, waited_s: float) -> str:
+        lead = f"no replica of model {model!r} could be placed within {waited_s:.0f} s"
         return f"{lead}: {why}" if why else f"{lead}: the cluster is busy or the model is still loading; retry later"
 
     def retry(self) -> dict[str, str]:

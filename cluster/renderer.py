@@ -12,14 +12,15 @@ import os
 import socket
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import torch
 
-from cluster.model_pool import ModelPool, PoolOptions
+from cluster.model_pool import ModelPool
 from cluster.overlap import Overlap
+from cluster.renderer_config import PoolOptions, RendererConfig, storage_env  # noqa: F401 - their home; re-exported
 from cluster.rows import Checked, Filtered, Job, RowChecker
 from pipelines.catalog import Catalog, ModelEntry
 from pipelines.finishing import Finisher
@@ -29,41 +30,12 @@ from pipelines.tasks import render_group
 from storage.fs import exists, join, write_retrying
 from storage.keys import output_key
 from storage.manifest import MANIFEST_COLUMNS
-from storage.params import BY_NAME, ROW_DEFAULTS, Limits, RowParams, derive_seed
+from storage.params import BY_NAME, ROW_DEFAULTS, RowParams, derive_seed
 from storage.reasons import RowError
 from storage.result_params import param_values
 from storage.results import RESULT_SCHEMA, relative_uri
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RendererConfig:
-    """Everything an actor needs; plain data so it travels to every worker."""
-
-    catalog_path: str
-    out: str
-    limits: Limits = field(default_factory=Limits)
-    device: str = "auto"
-    torch_threads: int | None = None
-    model_cache_dir: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
-    input_base: str | None = None  # relative input URIs are relative to this (the manifest's folder)
-    input_roots: tuple[str, ...] = ()  # other local folders inputs may come from (--input-root, online uploads)
-    write_deadline_s: float = 120.0  # how long a failing output write is retried before its row fails
-    memory_budget_bytes: int | None = None  # loaded pipelines per actor; default from the device
-    job_id: str = ""
-    safety_action: str | None = None  # overrides the catalog's safety.action for this job
-    pool_options: PoolOptions = field(default_factory=PoolOptions)  # policy overrides, GPU share (memory budget)
-    overlap_batches: int = 2  # batches in flight per actor: one renders while the rest finish; 1 = no overlap
-
-
-def storage_env() -> dict[str, str]:
-    """The driver's store settings (AWS_*, AZURE_*, GOOGLE_*, STORAGE_EMULATOR_HOST, HF_TOKEN...), so actors reach
-    the same stores the driver validated against."""
-    from storage.stores import ENV_PREFIXES
-
-    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
 
 
 def renderfleet_version() -> str:

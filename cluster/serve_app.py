@@ -72,7 +72,8 @@ class ServeConfig:
     torch_threads: int | None = 1
     replica_cpus: float = 0.25
     env: dict[str, str] = field(default_factory=dict)
-    placement_timeout_s: float = 60.0  # a model with no running replica after this answers 503 model_unplaceable
+    placement_timeout_s: float = 60.0  # a model no node can hold a replica of answers 503 model_unplaceable after this
+    load_timeout_s: float = 600.0  # a replica a node can hold gets this long to start (placed, checkpoint loaded)
     job_retention_s: float = 24 * 3600.0  # finished async jobs (records, outputs, uploads) are deleted after this
     job_lease_s: float = 30.0  # a queued/in-progress job whose runner has not written for this long is taken over
     job_attempts: int = 3  # runs of one job (the first plus takeovers) before it is marked failed
@@ -95,7 +96,8 @@ class Gateway(RequestRoutes, JobRoutes):
         self.models = models
         self.registry, self.metrics = gateway_metrics()
         app_name = serve.get_replica_context().app_name
-        self.placement = Placement(app_name, needs or {}, config.placement_timeout_s)
+        self.placement = Placement(app_name, needs or {}, config.placement_timeout_s,
+                                   load_timeout_s=config.load_timeout_s)
         self.keys = KeyLimits(config.api_keys, config.api_keys_file)
         self.start_jobs()
 
@@ -292,9 +294,9 @@ def app_builder(args: dict[str, str]) -> Any:
     """Entry point for `serve deploy` / RayService configs: `import_path: cluster.serve_app:app_builder`.
 
     args: catalog (required), store (required), models (comma-separated, or all; default: the default model and
-    those with `serve: {enabled: true}`), public_url, api_keys_file, url_ttl_s, placement_timeout_s, job_retention_s.
+    those with `serve: {enabled: true}`), public_url, api_keys_file, url_ttl_s, placement_timeout_s, load_timeout_s, job_retention_s.
     """
-    from cluster.renderer import storage_env
+    from cluster.renderer_config import storage_env
 
     missing = [k for k in ("catalog", "store") if not args.get(k)]
     if missing:
@@ -308,6 +310,7 @@ def app_builder(args: dict[str, str]) -> Any:
         url_secret=args.get("url_secret") or secrets.token_hex(32),
         url_ttl_s=int(args.get("url_ttl_s", 3600)),
         placement_timeout_s=float(args.get("placement_timeout_s", 60)),
+        load_timeout_s=float(args.get("load_timeout_s", 600)),
         job_retention_s=float(args.get("job_retention_s", 24 * 3600)),
         env=storage_env(),
     )

@@ -12,17 +12,14 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 import pyarrow.compute as pc
-import ray
 
 from cluster.batch import read_manifest, render_dataset
 from cluster.ledger import LOCAL_ROWS, check_ids, compact, finished_ids, local_ids, recorded_rows, unfinished, without
-from cluster.model_pool import PoolOptions
-from cluster.renderer import RendererConfig, storage_env
+from cluster.renderer_config import PoolOptions, RendererConfig, storage_env
 from cluster.resources import node_resources, plan_workers
 from cluster.runtime import connect
 from pipelines.catalog import Catalog, CatalogError
 from pipelines.policy import PromptPolicy
-from pipelines.tiny import default_catalog_path
 from storage.fs import check_uri, is_remote, join, store_errors, write_bytes
 from storage.manifest import FORMATS as MANIFEST_FORMATS
 from storage.manifest import ManifestError, check_files, check_schema, open_manifest
@@ -146,6 +143,8 @@ def resolve_catalog(path: str | None, stream: TextIO = sys.stderr) -> str:
     """The given catalog, or the tiny random-weight one (with a warning)."""
     if path:
         return path
+    from pipelines.tiny import default_catalog_path  # torch and diffusers: only runs without a catalog import them
+
     built = default_catalog_path()
     stream.write(f"warning: no --catalog given; using the tiny random-weight catalog {built} (outputs are noise)\n")
     return built

@@ -22,7 +22,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray.serve.api import _run  # serve.run without waiting: readiness (warm models, HTTP) is checked below
 
     from cluster.placement import wait_ready
-    from cluster.renderer import storage_env
+    from cluster.renderer_config import storage_env
     from cluster.runtime import connect
     from cluster.serve_app import ServeConfig, build_app, load_api_keys, served_models
     from jobs.render import resolve_catalog
@@ -47,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(catalog_path=catalog, store=store, api_keys=fixed, api_keys_file=args.api_keys_file,
                          public_url=args.public_url or f"http://{host}:{args.port}", env=storage_env(),
                          replica_cpus=args.replica_cpus, placement_timeout_s=args.placement_timeout,
-                         job_retention_s=args.job_retention)
+                         load_timeout_s=args.load_timeout, job_retention_s=args.job_retention)
     connect(args.address)
     started = time.monotonic()
     serve.start(http_options={"host": host, "port": args.port})
@@ -87,8 +87,10 @@ def add_parser(sub: argparse._SubParsersAction, new_parser: Callable[..., argpar
                                             "re-read when it changes (default: $RENDERFLEET_API_KEYS, else none)")
     sv.add_argument("--replica-cpus", type=float, default=0.25, help="CPUs per model replica unless its `serve: "
                                                                      "num_cpus` says otherwise")
-    sv.add_argument("--placement-timeout", type=float, default=60.0, help="seconds a request waits for a model "
-                    "replica to be placed and started before a 503 model_unplaceable")
+    sv.add_argument("--placement-timeout", type=float, default=60.0, help="seconds a request waits for a replica "
+                    "of a model no node can hold before a 503 model_unplaceable naming what is missing")
+    sv.add_argument("--load-timeout", type=float, default=600.0, help="seconds a request waits for a replica a "
+                    "node can hold to start (scheduled, checkpoint loaded) before a 503: a cold start, not a fault")
     sv.add_argument("--job-retention", type=float, default=24 * 3600.0, help="seconds finished async jobs, their "
                                                                              "outputs and uploads are kept")
     sv.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the warm models")
