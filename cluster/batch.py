@@ -16,7 +16,7 @@ from cluster.overlap import render_pool
 from cluster.reading import read_parquet_files
 from cluster.render_actor import RenderActor
 from cluster.renderer_config import RendererConfig, storage_env
-from cluster.resources import TASK_CPUS, WorkerPlan, node_resources, plan_workers
+from cluster.resources import TASK_CPUS, WorkerPlan, node_resources, plan_workers, thread_env
 from pipelines.catalog import Catalog
 from storage.fs import filesystem, is_remote
 from storage.manifest import open_manifest
@@ -79,7 +79,9 @@ def render_step(ds: Dataset, config: RendererConfig, plan: WorkerPlan, batch_siz
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus or None,
         **({"resources": dict(plan.resources)} if plan.resources else {}),  # e.g. accel=1: the autoscaler adds nodes
+        **thread_env(config.torch_threads),
     )
+
 
 
 def render(dataset: Dataset, catalog: str, out: str, *, workers: int | None = None, batch_size: int = 8,

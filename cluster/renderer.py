@@ -124,10 +124,6 @@ class Renderer:
         """The results and the model loads this batch caused; its finishing overlaps the next batch's render."""
         with self.overlap.batch() as number:
             with self.overlap.rendering(number):
-                if self.config.torch_threads:
-                    # Per OS thread: Ray Data and Serve call from their own threads, whose OpenMP pool starts at
-                    # OMP_NUM_THREADS (1 in a Ray worker), so torch would render on one core (bench (a): 0.64x).
-                    torch.set_num_threads(self.config.torch_threads)
                 loads = self.pool.loads
                 results, rendered = self._render_all(rows)
                 loads = self.pool.loads - loads

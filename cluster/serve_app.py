@@ -44,7 +44,8 @@ from cluster.api import (
 from cluster.gateway_http import app, gateway_metrics
 from cluster.links import make_token, read_token
 from cluster.model_server import RETRY_AFTER_S, ModelServer
-from cluster.renderer import RendererConfig
+from cluster.renderer_config import RendererConfig
+from cluster.resources import thread_env
 from cluster.serve_jobs import JobRoutes
 from cluster.serve_requests import RequestRoutes
 from pipelines.catalog import Catalog
@@ -255,6 +256,7 @@ def build_app(config: ServeConfig, model_names: list[str] | None = None) -> Any:
         resources: dict[str, Any] = {"num_cpus": s.num_cpus or config.replica_cpus, "num_gpus": s.num_gpus if gpus else 0}
         if s.resources:  # custom resources (accelerator_a100: 1): only nodes that have them take a replica
             resources["resources"] = {k: float(v) for k, v in s.resources.items()}
+        resources.update(thread_env(config.torch_threads))  # batches render in Serve's threads: OpenMP's count
         needs[entry.name] = {"CPU": resources["num_cpus"], "GPU": resources["num_gpus"], **resources.get("resources", {})}
         options: dict[str, Any] = {
             "name": f"model-{entry.name}",
