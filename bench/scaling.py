@@ -103,7 +103,7 @@ def section_d(ctx: Ctx) -> dict[str, Any]:
             c = cases[f"{kind}_{n}"]
             figures.update({f"{kind}_{n}_peak_rss_mb": c["peak_rss_mb"], f"{kind}_{n}_rows_per_s": c["rows_per_s"],
                             f"{kind}_{n}_elapsed_s": c["elapsed_s"]})
-    units = {k: ("x" if "ratio" in k else "MB" if k.endswith("mb") else "s" if k.endswith("_s") else "rows/s") for k in figures}
+    units = {k: ("x" if "ratio" in k else "MB" if k.endswith("mb") else "rows/s" if k.endswith("_per_s") else "s" if k.endswith("_s") else "rows/s") for k in figures}
     notes = [f"no-op stand-in renderer (8x8 outputs, every row still finished and written), {workers} workers, batch {batch}",
              "each job in its own driver process: peak RSS is that process's ru_maxrss; rows/s is the job's steady rate",
              "resumed: the same manifest over an OUT where the first half of the ids already finished"]
