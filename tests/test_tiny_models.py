@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,31 @@ def test_clip_tokenizer_is_byte_level_with_77_context(tmp_path: Path) -> None:
     assert tokenizer.convert_ids_to_tokens(ids[1:3]) == ["the</w>", "cat</w>"]
     padded = tokenizer(PROMPT, padding="max_length", max_length=tokenizer.model_max_length).input_ids
     assert len(padded) == 77
+
+
+def test_the_default_catalog_is_found_without_importing_the_factory(tmp_path):
+    """A build stamped with the factory's hash is taken as is, in a process that never imports torch or diffusers;
+    a stamp from other factory code, or a stamped model gone, is not."""
+    import json
+    import subprocess
+    import sys
+
+    from pipelines.tiny.cached import STAMP_FILE, factory_hash, is_current
+
+    root = tmp_path / "tiny-models"
+    (root / "tiny-a").mkdir(parents=True)
+    (root / "tiny-a" / MARKER_FILE).write_text("{}")
+    (root / "catalog.yaml").write_text("models: {}\n")
+    (root / STAMP_FILE).write_text(json.dumps({"factory": factory_hash(), "models": ["tiny-a"]}))
+    code = ("import sys; from pipelines.tiny import default_catalog_path; print(default_catalog_path()); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    env = {**os.environ, "RENDERFLEET_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == [str(root / "catalog.yaml"), "[]"], out.stdout
+    assert is_current(root)
+    (root / STAMP_FILE).write_text(json.dumps({"factory": "an older factory", "models": ["tiny-a"]}))
+    assert not is_current(root)
+    (root / STAMP_FILE).write_text(json.dumps({"factory": factory_hash(), "models": ["tiny-a", "tiny-gone"]}))
+    assert not is_current(root)

@@ -11,22 +11,31 @@ directory is indistinguishable from a (very small) real checkpoint.
 Layout: ``common`` holds the shared builders, one module per family
 (``sd``, ``edits``, ``cascades``, ``video``, ``audio``, ``mesh``, ``safety``)
 its builders and ``*_MODELS`` specs, ``registry`` lists the families and
-``build`` writes models and catalog.  The factory imports ``pipelines.catalog``;
+``build`` writes models and catalog, ``cached`` finds a current build without importing
+any of them (``names`` holds the file names both use).  The factory imports ``pipelines.catalog``;
 the catalog never imports the factory.
 """
 
 from __future__ import annotations
 
-from pipelines.tiny.build import CATALOG_FILE, MARKER_FILE, build_tiny_models, default_catalog_path
-from pipelines.tiny.common import (
-    MODEL_MAX_LENGTH,
-    SEED,
-    TinySpec,
-    build_clip_tokenizer,
-    build_t5_tokenizer,
-    write_spec,
-)
-from pipelines.tiny.registry import FAMILIES, TINY_MODELS
+import importlib
+from typing import Any
+
+# Lazy: `pipelines.tiny.cached` (the default catalog's fast path) must not pull in the factory, which imports
+# torch, diffusers and transformers.
+_WHERE = {
+    "CATALOG_FILE": "names", "MARKER_FILE": "names", "default_catalog_path": "cached",
+    "build_tiny_models": "build", "FAMILIES": "registry", "TINY_MODELS": "registry",
+    "MODEL_MAX_LENGTH": "common", "SEED": "common", "TinySpec": "common", "build_clip_tokenizer": "common",
+    "build_t5_tokenizer": "common", "write_spec": "common",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'pipelines.tiny' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"pipelines.tiny.{_WHERE[name]}"), name)
+
 
 __all__ = [
     "CATALOG_FILE",

@@ -17,18 +17,13 @@ from typing import Any
 
 import yaml
 
-from pipelines.catalog import renderfleet_home
 from pipelines.loading import quiet_hf_progress
 from pipelines.tiny.common import SEED, write_spec
 from pipelines.tiny.registry import TINY_MODELS
 
-__all__ = ["CATALOG_FILE", "MARKER_FILE", "build_tiny_models", "default_catalog_path"]
+from pipelines.tiny.names import CATALOG_FILE, MARKER_FILE
 
-MARKER_FILE = ".renderfleet-tiny-complete"
-"""Written last into a model dir, so its presence means the build finished."""
-
-CATALOG_FILE = "catalog.yaml"
-"""Catalog file name under the build root."""
+__all__ = ["CATALOG_FILE", "MARKER_FILE", "build_tiny_models"]
 
 
 def _is_complete(model_dir: Path) -> bool:
@@ -121,7 +116,3 @@ def build_tiny_models(root: str | Path, names: Iterable[str] | None = None) -> P
     _write_atomic(catalog_path, yaml.safe_dump(_catalog(selected), sort_keys=False, default_flow_style=None))
     return catalog_path
 
-
-def default_catalog_path() -> str:
-    """The tiny random-weight catalog, built into renderfleet's cache on first use (what runs without --catalog get)."""
-    return str(build_tiny_models(renderfleet_home() / "tiny-models"))
