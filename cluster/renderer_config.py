@@ -37,6 +37,10 @@ class RendererConfig:
     safety_action: str | None = None  # overrides the catalog's safety.action for this job
     pool_options: PoolOptions = field(default_factory=PoolOptions)  # policy overrides, GPU share (memory budget)
     overlap_batches: int = 2  # batches in flight per actor: one renders while the rest finish; 1 = no overlap
+    startup_column: bool = False  # results carry STARTUP_COLUMN (the job reads its workers' start-up, then drops it)
+
+
+STARTUP_COLUMN = "_worker_startup"  # JSON on the first result row an actor returns, null elsewhere
 
 
 def storage_env() -> dict[str, str]:

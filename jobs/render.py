@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from cluster.batch import read_manifest, render_dataset
 from cluster.ledger import LOCAL_ROWS, check_ids, compact, finished_ids, local_ids, recorded_rows, unfinished, without
-from cluster.renderer_config import PoolOptions, RendererConfig, storage_env
+from cluster.renderer_config import STARTUP_COLUMN, PoolOptions, RendererConfig, storage_env
 from cluster.resources import node_resources, plan_workers
 from cluster.runtime import connect
 from pipelines.catalog import Catalog, CatalogError
@@ -73,6 +73,7 @@ class JobReport:
     rerendered: int = 0  # rows whose earlier render was lost unrecorded (a lost node, a killed driver)
     rate: Rate | None = None  # jobs.progress.Rate, the one definition; None when nothing was left to do
     log: str | None = None  # the driver's log file
+    startup: dict[str, float] | None = None  # where the time to the first output went (startup_figures)
 
     @property
     def rows_per_s(self) -> float:
@@ -118,6 +119,8 @@ class JobReport:
             lines.append(f"speed: {self.rate.text() if self.rate else '-'} in {self.elapsed_s:.1f} s, "
                          f"first output at {self.first_output_s or 0:.1f} s"
                          + ("" if self.rate and self.rate.steady else " (too short to measure after it)"))
+        if self.startup:
+            lines.append(startup_line(self.startup))
         lines.append(f"model loads: {self.model_loads}")
         if self.rerendered:
             lines.append(f"rendered again: {self.rerendered} rows whose earlier render was lost before it was recorded "
@@ -153,6 +156,7 @@ def resolve_catalog(path: str | None, stream: TextIO = sys.stderr) -> str:
 def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
     """Runs the job to completion; raises ManifestError before rendering when the manifest is unusable, and
     JobStopped (after stopping the actors) when results cannot be written for `results_deadline_s`."""
+    began = time.monotonic()
     check_uri(job.manifest, "manifest")
     check_uri(job.out, "out", write=True)
     # Actors may run elsewhere, in another working directory: local paths go absolute.
@@ -169,7 +173,9 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
     check_schema(dataset.schema)
     check_files(dataset)
     total = dataset.count_rows()  # from the files' footers
+    connecting = time.monotonic()
     connect(job.address)
+    ray_s = time.monotonic() - connecting
     rows = read_manifest(manifest)
     small = total <= LOCAL_ROWS and recorded_rows(out) <= LOCAL_ROWS
     if small:  # checked here: a shuffle's start-up would cost more than the work
@@ -186,6 +192,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
     counts: Counter[str] = Counter()
     failures: Counter[str] = Counter()
     model_loads = rerendered = 0
+    workers: list[dict] = []  # each actor's start-up, from its first results
     started = time.monotonic()
     if pending:
         plan = plan_workers(node_resources(), job.workers, job.gpus_per_worker, job.max_workers, job.worker_resources)
@@ -202,6 +209,7 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
             job_id=writer_run_id,
             safety_action=job.safety_action,
             pool_options=PoolOptions(policy=dict(job.policy)),
+            startup_column=True,
         )
         stream.write(
             f"[renderfleet] rendering {pending} rows ({skipped} already done) on {plan.label} workers "
@@ -219,6 +227,9 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
             ds = render_dataset(left, config, plan, job.batch_size)
             batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
             for batch in batches:
+                if STARTUP_COLUMN in batch.column_names:
+                    workers += [json.loads(v) for v in batch[STARTUP_COLUMN].drop_null().to_pylist()]
+                    batch = batch.drop_columns([STARTUP_COLUMN])
                 statuses = batch["status"].to_pylist()
                 counts.update(statuses)
                 failures.update(error_code(e) for s, e in zip(statuses, batch["error"].to_pylist()) if s == "failed")
@@ -257,11 +268,36 @@ def run(job: RenderJob, stream: TextIO = sys.stderr) -> JobReport:
         rerendered=rerendered,
         rate=progress.rate(progress.elapsed_s) if pending and sum(counts.values()) else None,
         log=run_log,
+        startup=startup_figures(started - began, ray_s, progress.first_s, workers) if pending else None,
     )
     if pending:
         record_run(out, writer.run_id, report, plan.workers)
     compact_results(out)
     return report
+
+
+def startup_figures(before_s: float, ray_s: float, first_s: float | None, workers: list[dict]) -> dict[str, float]:
+    """Seconds from the job's start to its first output, and the parts: Ray, the driver's checks, and the
+    first worker to report: its process start, its imports and renderer, its model load, its first batch."""
+    figures = {"ray_s": ray_s, "checks_s": before_s - ray_s}
+    if first_s is not None:
+        figures["first_output_s"] = before_s + first_s
+    if workers:
+        first = min(workers, key=lambda w: w["process_s"] + w["init_s"] + w["first_batch_s"])
+        figures.update(worker_process_s=first["process_s"], worker_init_s=first["init_s"],
+                       model_load_s=first["model_load_s"], first_batch_s=first["first_batch_s"])
+    return figures
+
+
+def startup_line(f: dict[str, float]) -> str:
+    line = f"start-up: Ray {f['ray_s']:.1f} s, manifest checks {f['checks_s']:.1f} s"
+    if "worker_init_s" in f:
+        line += (f", a worker {f['worker_process_s'] + f['worker_init_s']:.1f} s (process {f['worker_process_s']:.1f} s, "
+                 f"imports and renderer {f['worker_init_s']:.1f} s), its first batch {f['first_batch_s']:.1f} s "
+                 f"(model load {f['model_load_s']:.1f} s)")
+    if "first_output_s" in f:
+        line += f"; first output {f['first_output_s']:.1f} s after the job started"
+    return line
 
 
 def compact_results(out: str) -> None:
@@ -291,6 +327,7 @@ def record_run(out: str, run_id: str, report: JobReport, workers: int) -> None:
         "failures": report.failures, "skipped": report.skipped, "elapsed_s": report.elapsed_s,
         "rows_per_s": report.rows_per_s, "images_per_s": report.images_per_s,
         "model_loads": report.model_loads, "rerendered": report.rerendered, "workers": workers,
+        "startup": report.startup,
     }
     try:
         write_bytes(join(out, "runs", f"{run_id}.json"), json.dumps(summary, indent=1).encode())

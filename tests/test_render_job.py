@@ -49,8 +49,15 @@ def test_local_end_to_end_with_bad_rows_and_carried_columns(tmp_path, tiny_catal
     report = run(RenderJob(manifest, out, catalog=tiny_catalog, workers=2, batch_size=4, address=ray_cluster,
                            limits=Limits(max_steps=50, max_pixels=512 * 512)))
     assert report.counts == {"ok": 14, "failed": 6}
+    # The job's own start-up record: the parts are durations (never asserted against a clock), each present and
+    # positive, and the actors' column that carried them never reaches the results.
+    s = report.startup
+    assert {"ray_s", "checks_s", "worker_process_s", "worker_init_s", "model_load_s", "first_batch_s",
+            "first_output_s"} <= set(s) and all(v >= 0 for v in s.values()), s
+    assert s["first_output_s"] >= s["ray_s"] and s["worker_init_s"] > 0 and s["model_load_s"] > 0, s
+    assert any(line.startswith("start-up: Ray ") for line in report.lines())
     results = by_id(read_results(out))
-    assert len(results) == 20
+    assert len(results) == 20 and "_worker_startup" not in read_results(out).column_names
     reasons = {i: results[i]["error"].split(":")[0] for i in results if results[i]["status"] == "failed"}
     assert reasons == {"bad-model": "unknown_model", "bad-steps": "invalid_steps", "bad-steps-high": "invalid_steps",
                        "bad-width": "invalid_size", "bad-pixels": "invalid_size", "bad-prompt": "missing_prompt"}
