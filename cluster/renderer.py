@@ -22,10 +22,12 @@ from cluster.model_pool import ModelPool
 from cluster.overlap import Overlap
 from cluster.renderer_config import PoolOptions, RendererConfig, storage_env  # noqa: F401 - their home; re-exported
 from cluster.rows import Checked, Filtered, Job, RowChecker
+from cluster.step_progress import ProgressWriter, progress_uris
 from pipelines.catalog import Catalog, ModelEntry
 from pipelines.finishing import Finisher
 from pipelines.loading import pick_device, quiet_hf_progress
 from pipelines.media.provenance import provenance_record
+from pipelines.progress import StepReport
 from pipelines.tasks import render_group
 from storage.fs import exists, join, write_retrying
 from storage.keys import output_key
@@ -99,6 +101,7 @@ class Renderer:
         self.finisher = Finisher(safety, checker, device=self.device, action=config.safety_action)
         self.rows = RowChecker(self.catalog, config.limits, self.finisher, self.pool, config.input_base, config.input_roots)
         self.overlap = Overlap(config.overlap_batches)
+        self.progress = ProgressWriter()  # job rows' denoising steps, for their runner (cluster/step_progress.py)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows, loads = self._render_rows(batch.to_pylist(), keep_data=False)
@@ -190,8 +193,10 @@ class Renderer:
                 raise RowError("model_load_error", f"cannot load adapters {p.loras or ''} {p.embeddings or ''}: {e}") from None
             shared = {**extra_defaults(first.entry), **dict(p.call_values()), "width": first.width, "height": first.height}
             later = [self.catalog.pipeline(n) for n in first.entry.stages]
-            decoded = self._call(p.task, [(stages[0], shared)] + [(pipe, stage_defaults(e)) for pipe, e in zip(stages[1:], later)],
-                                 [j.request for j in jobs])
+            call = (p.task, [(stages[0], shared)] + [(pipe, stage_defaults(e)) for pipe, e in zip(stages[1:], later)],
+                    [j.request for j in jobs])
+            with self.progress.reporting(progress_uris(self.config.out, [rows[j.index] for j in jobs])) as on_step:
+                decoded = self._call(*call) if on_step is None else self._call(*call, on_step=on_step)
         except RowError as e:
             return [(j, self._result(rows[j.index], status="failed", error=str(e), job=j)) for j in jobs]
         except Exception as e:  # noqa: BLE001 - a render failure is a row failure, never a job failure
@@ -202,11 +207,14 @@ class Renderer:
         # Provenance records read the model pool, which only the render side touches.
         return [Rendered(jobs, decoded, [self._record(j) for j in jobs], (time.perf_counter() - started) / len(jobs))]
 
-    def _call(self, task: str, stages: list[tuple[Any, dict[str, Any]]], requests: list[Any]) -> list[Any]:
-        """The pipeline call itself (a stand-in renderer overrides this to model an accelerator)."""
-        return render_group(task, stages, requests)
+    def _call(self, task: str, stages: list[tuple[Any, dict[str, Any]]], requests: list[Any],
+              on_step: StepReport | None = None) -> list[Any]:
+        """The pipeline call itself (a stand-in renderer overrides this to model an accelerator). on_step is
+        passed only for rows that asked for step progress (async jobs), so overrides may leave it out."""
+        return render_group(task, stages, requests, on_step)
 
-    def _finish_group(self, group: Rendered, rows: list[dict[str, Any]], keep_data: bool) -> list[tuple[Job, dict[str, Any]]]:
+    def _finish_group(self, group: Rendered, rows: list[dict[str, Any]], keep_data: bool,
+                      caller_writes: frozenset[str] = frozenset()) -> list[tuple[Job, dict[str, Any]]]:
         """Safety check (one pass for the group), then each output finished and durably written."""
         task = group.jobs[0].params.task
         started = time.perf_counter()

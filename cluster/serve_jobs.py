@@ -21,7 +21,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from cluster.api import APIError, VideoGenerationRequest, invalid
 from cluster.gateway_http import app
-from cluster.job_store import ACTIVE, FINISHED, JobStore, new_id, public
+from cluster.job_store import ACTIVE, FINISHED, JobStore, StepFold, new_id, public
 from pipelines.media.formats import format_for_path
 from pipelines.media.thumbnails import video_thumbnail
 from storage.fs import is_remote, read_bytes, write_bytes
@@ -129,7 +129,9 @@ class JobRoutes:
     async def _run(self, record: dict) -> None:
         """Renders a job's rows, writing heartbeats (and queued -> in_progress) until it completes or fails."""
         entry = self.catalog.pipeline(record["model"])
-        render = asyncio.ensure_future(self.run_rows(record["route"], entry, record["rows"], False, record["uploads"]))
+        rows = [dict(r, progress_uri=self.job_store.progress_uri(record["id"], r["id"])) for r in record["rows"]]
+        render = asyncio.ensure_future(self.run_rows(record["route"], entry, rows, False, record["uploads"]))
+        steps = StepFold(len(record["rows"]))
         try:
             while not render.done():
                 if await asyncio.to_thread(self.job_store.deleted, record["id"]):
@@ -138,6 +140,8 @@ class JobRoutes:
                 state = await self.placement.state(entry.name, fresh=record["status"] == "queued")
                 if record["status"] == "queued" and state is not None and state.running:
                     record["status"] = "in_progress"
+                if record["status"] == "in_progress":
+                    await self._fold_steps(record, steps)
                 record["heartbeat"] = time.time()
                 await asyncio.to_thread(self.job_store.write, record)
                 await asyncio.wait({render}, timeout=min(1.0, self.config.job_lease_s / 3)
@@ -158,6 +162,16 @@ class JobRoutes:
         if record["object"] == "video":
             record["thumbnails"] = await asyncio.to_thread(store_thumbnails, record["outputs"])
         await self._finish(record, "completed")
+
+    async def _fold_steps(self, record: dict, steps: StepFold) -> None:
+        """Moves `progress` with the rows' denoising steps (read once per heartbeat, written with it)."""
+        try:
+            rows = [r["id"] for r in record["rows"]]
+            seen = await asyncio.to_thread(self.job_store.read_progress, record["id"], rows)
+        except Exception:  # noqa: BLE001 - progress is a courtesy; the heartbeat must still be written
+            log.warning("job %s: cannot read step progress", record["id"], exc_info=True)
+            return
+        record["progress"] = steps.fold(record.get("progress") or 0, seen)
 
     async def _finish(self, record: dict, status: str, error: dict | None = None) -> None:
         if await asyncio.to_thread(self.job_store.deleted, record["id"]):  # cancelled meanwhile: publish nothing

@@ -17,6 +17,8 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from pipelines.progress import StepReport, StepTally, requested_steps, step_hooks
+
 # Our argument name -> the family's, by pipeline class name.
 FAMILY_ARGUMENTS: dict[str, dict[str, str]] = {
     "TextToVideoZeroPipeline": {"num_frames": "video_length"},
@@ -127,27 +129,41 @@ def intermediate_output_type(next_stage: DiffusionPipeline) -> str:
     return "latent" if "Img2Img" in type(next_stage).__name__ else "pt"
 
 
-def render_group(task: str, stages: list[tuple[DiffusionPipeline, dict[str, Any]]], requests: list[Request]) -> list[Any]:
+def render_group(task: str, stages: list[tuple[DiffusionPipeline, dict[str, Any]]], requests: list[Request],
+                 on_step: StepReport | None = None) -> list[Any]:
     """Runs one group through the pipeline and any later cascade stages, each with its own shared
     arguments; returns one decoded output per request.
 
     Decoded outputs: image/edit -> PIL image; video -> list of HxWx3 uint8 frames;
-    audio -> (waveform, sample rate); mesh -> trimesh.Trimesh.
+    audio -> (waveform, sample rate); mesh -> trimesh.Trimesh. With on_step, every denoising step of
+    every stage reports (steps done, steps total) for the whole group (families that report no steps: never).
     """
+    unbatched = type(stages[0][0]).__name__ in UNBATCHED and len(requests) > 1
+    calls = [[r] for r in requests] if unbatched else [requests]
+    # One tally over every call and stage; nothing at all without a report, so batch renders pay no callback.
+    tally = None if on_step is None else StepTally(on_step, [requested_steps(p, s) for p, s in stages] * len(calls))
+    return [out for k, call in enumerate(calls) for out in _render_call(task, stages, call, tally, k * len(stages))]
+
+
+def _render_call(task: str, stages: list[tuple[DiffusionPipeline, dict[str, Any]]], requests: list[Request],
+                 tally: StepTally | None, first_stage: int) -> list[Any]:
+    """One call of the group (all of it, or one request of a family that renders one at a time)."""
     first, shared = stages[0]
-    if type(first).__name__ in UNBATCHED and len(requests) > 1:
-        return [out for r in requests for out in render_group(task, stages, [r])]
 
     def output_type(i: int) -> str:
         return intermediate_output_type(stages[i + 1][0]) if i + 1 < len(stages) else _final_output_type(task)
 
+    def hooks(i: int) -> dict[str, Any]:
+        pipe = stages[i][0]
+        return {} if tally is None else step_hooks(pipe, call_parameters(pipe), tally.stage(first_stage + i))
+
     with torch.inference_mode():
-        result = first(**call_arguments(first, shared, requests, output_type=output_type(0)))
+        result = first(**call_arguments(first, shared, requests, output_type=output_type(0), **hooks(0)))
         for i, (stage, stage_shared) in enumerate(stages[1:], start=1):
             if "denoising_end" in shared:  # an ensemble of experts: the refiner starts where the base stopped
                 stage_shared = {"denoising_start": shared["denoising_end"], **stage_shared}
             result = stage(**call_arguments(stage, stage_shared, [_without_inputs(r) for r in requests],
-                                            image=result.images, output_type=output_type(i)))
+                                            image=result.images, output_type=output_type(i), **hooks(i)))
     outputs = getattr(result, OUTPUT_FIELD[task], None)
     if outputs is None:  # e.g. Text2Video-Zero returns its frames as `.images`
         outputs = result.images

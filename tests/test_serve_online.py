@@ -238,6 +238,33 @@ def test_a_video_job_completes_and_downloads_a_playable_mp4_and_its_thumbnail(on
     assert not Path(thumb_path).exists()  # ... and deleted with them
 
 
+@pytest.mark.timeout(120)
+def test_a_video_jobs_progress_moves_with_its_denoising_steps(online):
+    """The replica writes the row's steps beside the job record; the runner folds them into `progress` on each
+    heartbeat (every second under this module's 3 s lease): strictly between 0 and 100 while rendering,
+    never back, 100 only once completed, and no step file left behind."""
+    base, store, _ = online
+    c = client(base)
+    started = time.monotonic()
+    job = c.videos.create(model="tiny-t2v", prompt="a slow zoom", size="128x128",
+                          extra_body={"num_frames": 16, "num_inference_steps": 40})
+    seen: list[tuple[str, int]] = [(job.status, job.progress)]
+    while job.status not in ("completed", "failed"):
+        assert time.monotonic() - started < 100, seen
+        time.sleep(0.2)
+        job = c.videos.retrieve(job.id)
+        seen.append((job.status, job.progress))
+    assert job.status == "completed", job.error
+    progress = [p for _, p in seen]
+    rendering = sorted({p for s, p in seen if s == "in_progress" and 0 < p < 100})
+    print(f"\nvideo job progress seen ({time.monotonic() - started:.1f} s): {sorted(set(progress))}")
+    assert progress == sorted(progress), seen  # monotone
+    assert len(rendering) >= 2, seen  # it moved while rendering, not 0 -> 100
+    assert all(p < 100 for s, p in seen if s != "completed") and job.progress == 100, seen
+    assert not list((store / "jobs").glob(f"{job.id}.progress.*")), "a step file outlived its render"
+    assert c.videos.delete(job.id).deleted
+
+
 def test_a_cancelled_job_publishes_nothing(online):
     from ray import serve
 
