@@ -20,6 +20,35 @@ app = FastAPI(title="renderfleet", docs_url=None, redoc_url=None, openapi_url=No
               responses=ERROR_RESPONSES)
 
 
+class ReplicaHeader:
+    """Adds `X-Renderfleet-Replica` (the Serve replica's id) to every answer: which gateway replica answered,
+    for operators and for the tests that spread requests over replicas."""
+
+    def __init__(self, inner: Any):
+        self.inner, self.value = inner, b""
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        if not self.value:
+            from ray import serve
+
+            try:
+                self.value = serve.get_replica_context().replica_id.unique_id.encode()
+            except Exception:  # noqa: BLE001 - outside a replica (plain FastAPI tests): no header
+                self.value = b"-"
+
+        async def send_with_header(message: dict) -> None:
+            if message["type"] == "http.response.start" and self.value != b"-":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-renderfleet-replica", self.value)]}
+            await send(message)
+
+        await self.inner(scope, receive, send_with_header)
+
+
+app.add_middleware(ReplicaHeader)
+
+
 @app.exception_handler(APIError)
 async def _api_error(_: Request, e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)

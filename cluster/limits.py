@@ -7,14 +7,14 @@ The file is either one key per line (no limits) or YAML:
       sk-team-a: {requests_per_minute: 60, concurrent_jobs: 2, models: [sd15, sdxl]}
       sk-team-b: {}
 
-Limits are counted per gateway replica (each replica holds its own minute window), so with N gateway
-replicas a key may get up to N times its rate; concurrent jobs are counted from the shared job store.
+Requests per minute are counted across all gateway replicas of an app, in one shared window per key
+(`cluster/key_window.py`): a request sends the key's current limit there and gets admitted or a Retry-After.
+If that window cannot answer within a second, each replica counts in its own window until it does (a key may
+then get up to N times its rate behind N replicas). Concurrent jobs are counted from the shared job store.
 """
 
 from __future__ import annotations
 
-import collections
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from cluster.api import APIError
+from cluster.key_window import SharedWindows
 
 
 @dataclass(frozen=True)
@@ -69,16 +70,18 @@ def read_keys_file(path: str) -> dict[str, KeyRule]:
 
 class KeyLimits:
     """The keys a gateway accepts: fixed ones (`$RENDERFLEET_API_KEYS`, ServeConfig.api_keys) plus the file's,
-    re-read at most once a second when its modification time changes."""
+    re-read at most once a second when its modification time changes. With `app_name` (a gateway replica) and
+    a keys file (the only place limits come from), rates are counted in the app's shared window."""
 
-    def __init__(self, fixed: tuple[str, ...], path: str | None, check_every_s: float = 1.0):
+    def __init__(self, fixed: tuple[str, ...], path: str | None, check_every_s: float = 1.0,
+                 app_name: str | None = None):
         self.path, self.check_every_s = path, check_every_s
         self._fixed = {k: KeyRule() for k in fixed}
         self._rules: dict[str, KeyRule] = dict(self._fixed)
         self._stamp: tuple[float, int] | None = None
         self._checked = float("-inf")
-        self._windows: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self._reload()
+        self._windows = SharedWindows(app_name if path else None)
 
     def _reload(self) -> None:
         now = time.monotonic()
@@ -112,21 +115,18 @@ class KeyLimits:
         models = self.rule(key).models
         return not models or model in models
 
-    def admit(self, key: str, metrics: dict[str, Any] | None = None) -> None:
-        """Counts one request against the key's minute window; 429 with Retry-After when it is full."""
+    async def admit(self, key: str, metrics: dict[str, Any] | None = None) -> None:
+        """Counts one request against the key's minute window (shared by the app's replicas); 429 with
+        Retry-After when it is full."""
         limit = self.rule(key).requests_per_minute
         if not limit:
             return
-        window, now = self._windows[key], time.monotonic()
-        while window and window[0] <= now - 60.0:
-            window.popleft()
-        if len(window) >= limit:
-            retry = max(1, math.ceil(window[0] + 60.0 - now))
+        retry = await self._windows.admit(key, limit)
+        if retry:
             if metrics:
                 metrics["refused"].labels("429", "rate_limited").inc()
             raise APIError(429, f"rate limit reached: {limit} requests per minute for this API key; retry in {retry} s",
                            type_="rate_limit_error", code="rate_limited", headers={"Retry-After": str(retry)})
-        window.append(now)
 
     def check_jobs(self, key: str, active: int, metrics: dict[str, Any] | None = None) -> None:
         """429 when the key already has its concurrent jobs queued or in progress."""

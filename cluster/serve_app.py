@@ -79,6 +79,7 @@ class ServeConfig:
     job_lease_s: float = 30.0  # a queued/in-progress job whose runner has not written for this long is taken over
     job_attempts: int = 3  # runs of one job (the first plus takeovers) before it is marked failed
     api_keys_file: str | None = None  # re-read when it changes: keys, per-key limits and models (cluster/limits.py)
+    gateway_replicas: int = 1  # HTTP gateway replicas; per-key rates are counted across all of them
 
 
 # Serve pickles the class when it is decorated: everything it uses must be defined (or imported) above.
@@ -99,7 +100,7 @@ class Gateway(RequestRoutes, JobRoutes):
         app_name = serve.get_replica_context().app_name
         self.placement = Placement(app_name, needs or {}, config.placement_timeout_s,
                                    load_timeout_s=config.load_timeout_s)
-        self.keys = KeyLimits(config.api_keys, config.api_keys_file)
+        self.keys = KeyLimits(config.api_keys, config.api_keys_file, app_name=app_name)  # rates shared by the app's replicas
         self.start_jobs()
 
     # -- plumbing --------------------------------------------------------------------------
@@ -275,7 +276,7 @@ def build_app(config: ServeConfig, model_names: list[str] | None = None) -> Any:
     # because Serve counts a burst's requests as queued while it picks a replica for them (measured: a queue of
     # 16 refused 18 of 64 simultaneous requests that fit); past both, the proxy refuses with a plain-text 503.
     slots = capacity + GATEWAY_HEADROOM
-    gateway = Gateway.options(max_ongoing_requests=slots, max_queued_requests=slots,
+    gateway = Gateway.options(num_replicas=config.gateway_replicas, max_ongoing_requests=slots, max_queued_requests=slots,
                               backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S))
     return gateway.bind(config, models, needs)
 
@@ -296,7 +297,8 @@ def app_builder(args: dict[str, str]) -> Any:
     """Entry point for `serve deploy` / RayService configs: `import_path: cluster.serve_app:app_builder`.
 
     args: catalog (required), store (required), models (comma-separated, or all; default: the default model and
-    those with `serve: {enabled: true}`), public_url, api_keys_file, url_ttl_s, placement_timeout_s, load_timeout_s, job_retention_s.
+    those with `serve: {enabled: true}`), public_url, api_keys_file, url_ttl_s, placement_timeout_s, load_timeout_s, job_retention_s,
+    gateway_replicas.
     """
     from cluster.renderer_config import storage_env
 
@@ -314,6 +316,7 @@ def app_builder(args: dict[str, str]) -> Any:
         placement_timeout_s=float(args.get("placement_timeout_s", 60)),
         load_timeout_s=float(args.get("load_timeout_s", 600)),
         job_retention_s=float(args.get("job_retention_s", 24 * 3600)),
+        gateway_replicas=int(args.get("gateway_replicas", 1)),
         env=storage_env(),
     )
     names = [n.strip() for n in args["models"].split(",") if n.strip()] if args.get("models") else None

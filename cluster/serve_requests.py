@@ -71,7 +71,7 @@ class RequestRoutes:
         """One generation request: answered when rendered, or at once as an async job when it asks for one."""
         entry = self._entry(body.model, task, key)
         as_job = body.job or "respond-async" in request.headers.get("prefer", "").lower()
-        self.keys.admit(key, self.metrics)  # 429 past the key's requests per minute
+        await self.keys.admit(key, self.metrics)  # 429 past the key's requests per minute
         rows, stored, quality = await self.prepare(entry, task, body, files or {})
         try:
             if as_job:

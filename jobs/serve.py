@@ -47,7 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(catalog_path=catalog, store=store, api_keys=fixed, api_keys_file=args.api_keys_file,
                          public_url=args.public_url or f"http://{host}:{args.port}", env=storage_env(),
                          replica_cpus=args.replica_cpus, placement_timeout_s=args.placement_timeout,
-                         load_timeout_s=args.load_timeout, job_retention_s=args.job_retention)
+                         load_timeout_s=args.load_timeout, job_retention_s=args.job_retention,
+                         gateway_replicas=args.gateway_replicas)
     connect(args.address)
     started = time.monotonic()
     serve.start(http_options={"host": host, "port": args.port})
@@ -93,6 +94,20 @@ def add_parser(sub: argparse._SubParsersAction, new_parser: Callable[..., argpar
                     "node can hold to start (scheduled, checkpoint loaded) before a 503: a cold start, not a fault")
     sv.add_argument("--job-retention", type=float, default=24 * 3600.0, help="seconds finished async jobs, their "
                                                                              "outputs and uploads are kept")
+    sv.add_argument("--gateway-replicas", type=_positive, default=1, help="HTTP gateway replicas (per-key rate "
+                    "limits are counted across all of them)")
     sv.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the warm models")
     sv.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     sv.set_defaults(func=cmd_serve)
+
+
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
