@@ -39,8 +39,8 @@ def _direct(catalog: str, out: Path, row: dict[str, Any], levels: dict[int, int]
             round_start = time.perf_counter()
             for lo in range(0, c, batch):
                 size = min(batch, c - lo)
-                renderer.render_rows([dict(row, id=f"d{n + i}", prompt=f"a bench scene {n + i}") for i in range(size)],
-                                     keep_data=True)
+                rows = [dict(row, id=f"d{n + i}", prompt=f"a bench scene {n + i}") for i in range(size)]
+                renderer.render_rows(rows, caller_writes=[r["id"] for r in rows])  # as for b64_json over HTTP
                 n += size
                 latencies += [time.perf_counter() - round_start] * size
         results[c] = (latencies, len(latencies) / (time.perf_counter() - started))
@@ -138,7 +138,8 @@ def section_f(ctx: Ctx) -> dict[str, Any]:
              f"max_batch_size {batch}, batch_wait_timeout_s {BATCH_WAIT_S}; batching gain: requests/s at concurrency 16 "
              f"with max_batch_size {batch} over max_batch_size 1",
              "direct: the same Renderer in this process, requests taken in batches of up to max_batch_size "
-             "(bench/online.py); HTTP: httpx to a Serve app on 127.0.0.1 (proxy, gateway, model deployment)",
+             "and outputs finished but not stored, as for b64_json over HTTP, where the gateway stores them after "
+             "answering (bench/online.py); HTTP: httpx to a Serve app on 127.0.0.1 (proxy, gateway, model deployment)",
              f"time to ready: serve.start + serve.run until the app answers (Ray start {ray_s:.1f} s before it); "
              f"profile of the HTTP overhead: GET /v1/models (proxy and gateway only) took "
              f"{figures['gateway_only_p50_ms']:.1f} ms p50; the rest of the {overhead:.1f} ms is the gateway's call to "

@@ -90,5 +90,7 @@ def gateway_metrics() -> tuple[Any, dict[str, Any]]:
         "queue_s": Histogram("renderfleet_queue_seconds", "seconds a row waited before its batch started (wait minus render)",
                              ["model"], registry=registry),
         "refused": Counter("renderfleet_refused", "429 and 503 answers by reason code", ["status", "reason"], registry=registry),
+        "output_writes": Counter("renderfleet_output_writes", "b64_json outputs stored after their response, by result",
+                                 ["result"], registry=registry),
         "jobs": Gauge("renderfleet_jobs", "async jobs in the store by status (counted when scraped)", ["status"], registry=registry),
     }

@@ -39,10 +39,11 @@ class CallTaggingRenderer(Renderer):
         self._replica = uuid.uuid4().hex[:8]
         self._calls = itertools.count(1)  # next() is atomic: two batches may finish at once
 
-    def _finish_group(self, group: Rendered, rows: list[dict[str, Any]], keep_data: bool) -> list[tuple[Any, dict[str, Any]]]:
+    def _finish_group(self, group: Rendered, rows: list[dict[str, Any]], keep_data: bool,
+                      caller_writes: frozenset[str] = frozenset()) -> list[tuple[Any, dict[str, Any]]]:
         call = f"{self._replica}-{next(self._calls)}"
         return [(job, dict(result, call_id=call, call_rows=len(group.jobs)))
-                for job, result in super()._finish_group(group, rows, keep_data)]
+                for job, result in super()._finish_group(group, rows, keep_data, caller_writes)]
 
 
 @serve.deployment
@@ -59,10 +60,11 @@ class ModelServer:
         self._abandoned: dict[str, float] = {}  # row id -> when its caller cancelled, until its batch ends
         self._unclaimed: dict[str, str] = {}  # row id -> output uri, rendered but not yet handed back
 
-    async def render(self, row: dict[str, Any], keep_data: bool = False) -> dict[str, Any]:
+    async def render(self, row: dict[str, Any], caller_writes: bool = False) -> dict[str, Any]:
         """One row. A caller that cancels keeps nothing in the store, even when its batch had already started.
 
-        With keep_data an `ok` result carries the output's bytes (already stored), so the caller needs no read-back.
+        With caller_writes the output is finished but not stored here: an `ok` result carries its bytes
+        (`data`, `written: False`) and the caller stores them at `output_uri` once it has answered.
         """
         # Adaptive batching: a lone row opens a zero-length window (Serve reads the wait when a batch's first
         # row arrives); the window only opens when other rows are here to share the pipeline call.
@@ -71,7 +73,7 @@ class ModelServer:
         self._waits["immediate" if lone else "windowed"] += 1
         self._active += 1
         try:
-            result = await self._render_batch(row)
+            result = await self._render_batch((row, caller_writes))
         except asyncio.CancelledError:
             uri = self._unclaimed.pop(row["id"], None)
             if uri:
@@ -82,7 +84,7 @@ class ModelServer:
         finally:
             self._active -= 1
         self._unclaimed.pop(row["id"], None)
-        return result if keep_data else {k: v for k, v in result.items() if k != "data"}
+        return result
 
     async def stats(self) -> dict[str, Any]:
         """Batch windows opened (immediate for lone rows) and the renderer's overlap bound and peak."""
@@ -90,12 +92,14 @@ class ModelServer:
 
     # Two batches at once: the renderer renders one while it finishes and stores the other.
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, max_concurrent_batches=2)
-    async def _render_batch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _render_batch(self, calls: list[tuple[dict[str, Any], bool]]) -> list[dict[str, Any]]:
+        rows = [row for row, _ in calls]
+        theirs = [row["id"] for row, caller_writes in calls if caller_writes]
         started = time.perf_counter()
-        results = await asyncio.to_thread(self.renderer.render_rows, rows, True)
+        results = await asyncio.to_thread(self.renderer.render_rows, rows, False, theirs)
         elapsed = time.perf_counter() - started
         for r in results:
-            uri = r.get("output_uri") if r["status"] == "ok" else None
+            uri = r.get("output_uri") if r["status"] == "ok" and r.get("written", True) else None
             if self._abandoned.pop(r["id"], None) is not None:
                 if uri:
                     delete(uri)
@@ -146,7 +150,7 @@ def _abandon(calls: list[Any], waits: list[asyncio.Future]) -> None:
     async def cleanup() -> None:
         await asyncio.gather(*waits, return_exceptions=True)
         for w in waits:
-            if not w.cancelled() and w.exception() is None and w.result().get("output_uri"):
+            if not w.cancelled() and w.exception() is None and w.result().get("output_uri") and w.result().get("written", True):
                 await asyncio.to_thread(delete, w.result()["output_uri"])
 
     task = asyncio.ensure_future(cleanup())

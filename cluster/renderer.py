@@ -12,6 +12,7 @@ import os
 import socket
 import time
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,15 +116,19 @@ class Renderer:
                 results = results.append_column(batch.schema.field(name), batch.column(name))
         return results
 
-    def render_rows(self, rows: list[dict[str, Any]], keep_data: bool = False) -> list[dict[str, Any]]:
+    def render_rows(self, rows: list[dict[str, Any]], keep_data: bool = False,
+                    caller_writes: Collection[str] = ()) -> list[dict[str, Any]]:
         """Renders and writes every row; rows sharing call parameters share one pipeline call.
 
         Every row is checked before any model loads, so a block of bad rows costs no load. With keep_data,
-        an `ok` row also carries its output's bytes as `data` (the online path answers from memory).
+        an `ok` row also carries its output's bytes as `data` (the online path answers from memory). Rows
+        whose ids are in caller_writes are finished but not written: their results carry `data` and
+        `written: False`, and `output_uri` says where the caller stores them (the online path, after answering).
         """
-        return self._render_rows(rows, keep_data)[0]
+        return self._render_rows(rows, keep_data, frozenset(caller_writes))[0]
 
-    def _render_rows(self, rows: list[dict[str, Any]], keep_data: bool) -> tuple[list[dict[str, Any]], int]:
+    def _render_rows(self, rows: list[dict[str, Any]], keep_data: bool,
+                     caller_writes: frozenset[str] = frozenset()) -> tuple[list[dict[str, Any]], int]:
         """The results and the model loads this batch caused; its finishing overlaps the next batch's render."""
         with self.overlap.batch() as number:
             with self.overlap.rendering(number):
@@ -132,7 +137,7 @@ class Renderer:
                 loads = self.pool.loads - loads
             with self.overlap.finishing(number):
                 for group in rendered:
-                    for job, result in self._finish_group(group, rows, keep_data):
+                    for job, result in self._finish_group(group, rows, keep_data, caller_writes):
                         results[job.index] = result
         return results, loads  # type: ignore[return-value]
 
@@ -224,11 +229,11 @@ class Renderer:
             log.exception("safety check failed")
             return [(j, self._result(rows[j.index], status="failed", error=f"safety_check_error: {e}", job=j)) for j in group.jobs]
         share = group.render_s + (time.perf_counter() - started) / len(group.jobs)
-        return [(j, self._write(j, out, flag, rows[j.index], share, record, keep_data))
+        return [(j, self._write(j, out, flag, rows[j.index], share, record, keep_data, j.params.id not in caller_writes))
                 for j, out, flag, record in zip(group.jobs, group.decoded, flags, group.records)]
 
     def _write(self, job: Job, decoded: Any, flagged: bool | None, row: dict[str, Any], render_s: float,
-               record: dict[str, str], keep_data: bool = False) -> dict[str, Any]:
+               record: dict[str, str], keep_data: bool = False, write: bool = True) -> dict[str, Any]:
         started = time.perf_counter()
         p = job.params
         width, height = output_size(p.task, decoded)
@@ -238,12 +243,17 @@ class Renderer:
                 return self._result(row, status="filtered", job=job, filter_reason="nsfw_output", nsfw=True,
                                     safety_action="block", render_s=render_s)
             uri = join(self.config.out, output_key(p.task, p.id, done.ext))
-            rendered_before = exists(uri)  # an earlier render's output whose result was lost (a node, a killed driver)
-            write_retrying(uri, done.data, content_type=done.content_type, deadline_s=self.config.write_deadline_s)
+            # An earlier render's output whose result was lost (a node, a killed driver); never for a caller's write.
+            rendered_before = write and exists(uri)
+            if write:
+                write_retrying(uri, done.data, content_type=done.content_type, deadline_s=self.config.write_deadline_s)
         except Exception as e:  # noqa: BLE001
             log.exception("cannot finish or write row %r", p.id)
             return self._result(row, status="failed", error=f"write_error: {type(e).__name__}: {e}", job=job)
-        kept = {"data": done.data} if keep_data else {}  # only once written: `ok` always means stored
+        # Bytes only once written (`ok` means stored), or when the caller writes them itself.
+        kept = {"data": done.data} if keep_data or not write else {}
+        if not write:
+            kept.update(written=False, content_type=done.content_type)
         return self._result(
             row,
             status="ok",

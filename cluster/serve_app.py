@@ -44,6 +44,7 @@ from cluster.api import (
 from cluster.gateway_http import app, gateway_metrics
 from cluster.links import make_token, read_token
 from cluster.model_server import RETRY_AFTER_S, ModelServer
+from cluster.output_writes import OutputWrites
 from cluster.renderer_config import RendererConfig
 from cluster.resources import thread_env
 from cluster.serve_jobs import JobRoutes
@@ -97,6 +98,7 @@ class Gateway(RequestRoutes, JobRoutes):
         self.catalog = Catalog.load(config.catalog_path)
         self.models = models
         self.registry, self.metrics = gateway_metrics()
+        self.output_writes = OutputWrites(self.metrics["output_writes"])
         app_name = serve.get_replica_context().app_name
         self.placement = Placement(app_name, needs or {}, config.placement_timeout_s,
                                    load_timeout_s=config.load_timeout_s)

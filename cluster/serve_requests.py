@@ -84,13 +84,16 @@ class RequestRoutes:
 
     async def answer(self, route: str, entry: ModelEntry, task: str, body: GenerationRequest, rows: list[dict],
                      stored: dict[str, str], quality: str | None) -> dict:
-        keep = body.response_format == "b64_json"  # answered from the replica's memory, not read back from the store
-        results = await self.run_rows(route, entry, rows, keep, stored)
+        # b64_json is answered from the replica's bytes, and the gateway stores them after answering;
+        # a url must resolve when the client gets it, so the replica stores those before answering.
+        caller_writes = body.response_format == "b64_json"
+        results = await self.run_rows(route, entry, rows, caller_writes, stored)
         data = []
         for r in results:
             self.metrics["outputs"].labels(entry.name, task).inc()
             data.append(self._item(r, body.response_format, body.prompt))
         self.metrics["requests"].labels(entry.name, route, "200").inc()
+        await self.output_writes.submit(results)
         return {"created": int(time.time()), "data": data, **usage_fields(results, rows[0]["output_format"], quality)}
 
     async def prepare(self, entry: ModelEntry, task: str, body: GenerationRequest, files: dict[str, list[Any]]
@@ -189,16 +192,17 @@ class RequestRoutes:
         for uri in stored:
             await asyncio.to_thread(delete, uri)
 
-    async def run_rows(self, route: str, entry: ModelEntry, rows: list[dict], keep: bool,
+    async def run_rows(self, route: str, entry: ModelEntry, rows: list[dict], caller_writes: bool,
                        uploads: dict[str, str] | None = None) -> list[dict]:
-        """Every row rendered by the model (under the placement guard), or the request's error."""
+        """Every row rendered by the model (under the placement guard), or the request's error; with
+        caller_writes the outputs come back unstored, with their bytes, for the gateway to store."""
         handle = self.models[entry.name]
         depth = self.metrics["queue_depth"].labels(entry.name)
         depth.inc(len(rows))
         started = time.perf_counter()
         try:
             results, failure = await self.placement.guard(
-                entry.name, render_all([handle.render.remote(r, keep) for r in rows]))
+                entry.name, render_all([handle.render.remote(r, caller_writes) for r in rows]))
         except APIError as e:
             self.metrics["refused"].labels(str(e.status), e.code or "").inc()
             self.metrics["requests"].labels(entry.name, route, str(e.status)).inc()

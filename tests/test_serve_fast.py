@@ -1,4 +1,5 @@
-"""The fast online path: b64_json answered from the replica's memory, and batch windows only when rows have company.
+"""The fast online path: b64_json answered from the replica's memory and stored after the answer, and batch
+windows only when rows have company.
 
 A real Serve app on 127.0.0.1 whose batch window is far longer than a render, so a lone request that
 waited for it would show; the assertions use the replica's own counters, never the clock.
@@ -64,13 +65,59 @@ def test_rows_with_company_share_a_window(fast):
     assert after["peak_pending"] <= after["depth"]
 
 
-def test_b64_json_is_the_stored_output_without_a_read_back(fast):
+def test_b64_json_is_stored_after_the_answer_byte_for_byte(fast):
     base, store, _ = fast
     r = generate(base, "a stored lighthouse")
     assert r.status_code == 200, r.text
-    data = base64.b64decode(r.json()["data"][0]["b64_json"])
-    stored = {hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in stored_outputs(store)}
-    assert hashlib.sha256(data).hexdigest() in stored  # still stored, byte for byte
+    digest = hashlib.sha256(base64.b64decode(r.json()["data"][0]["b64_json"])).hexdigest()
+
+    def stored() -> bool:
+        return digest in {hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in stored_outputs(store)}
+
+    wait_for(stored, 30, "the b64_json output never reached the store")
+    metrics = httpx.get(base + "/metrics", timeout=30).text
+    assert 'renderfleet_output_writes_total{result="ok"}' in metrics
+
+
+def test_b64_rows_are_finished_but_not_stored_by_the_replica(fast):
+    """The replica hands the bytes back unwritten (the gateway stores them off the request path); a url row
+    is stored before its answer, since the link must resolve."""
+    _, _, handle = fast
+    row = {"id": "unwritten-0", "prompt": "a harbour", "width": 64, "height": 64, "num_inference_steps": 2}
+    theirs = handle.render.remote(row, True).result()
+    assert theirs["status"] == "ok" and theirs["written"] is False and theirs["data"].startswith(b"\x89PNG")
+    assert theirs["sha256"] == hashlib.sha256(theirs["data"]).hexdigest() and theirs["watermark"]
+    assert not Path(theirs["output_uri"]).exists()
+    ours = handle.render.remote(dict(row, id="written-0"), False).result()
+    assert ours["status"] == "ok" and "written" not in ours and Path(ours["output_uri"]).is_file()
+
+
+def test_background_writes_return_at_once_and_hold_back_past_their_bound(tmp_path):
+    """submit() returns before the write runs; past the byte bound it waits for pending writes (back-pressure)."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from cluster.output_writes import OutputWrites
+
+    counter = Counter("writes", "w", ["result"], registry=CollectorRegistry())
+
+    def result(name: str) -> dict:
+        return {"status": "ok", "written": False, "output_uri": str(tmp_path / name), "data": b"x" * 1000,
+                "content_type": "image/png"}
+
+    async def scenario() -> tuple[bool, bool, bool, bool]:
+        free = OutputWrites(counter, max_pending_bytes=10**6)
+        await free.submit([result("a.png"), {"status": "failed"}, dict(result("stored.png"), written=True)])
+        early = (tmp_path / "a.png").exists()
+        await free.drain()
+        bounded = OutputWrites(counter, max_pending_bytes=0)
+        await bounded.submit([result("b.png")])
+        return early, (tmp_path / "a.png").exists(), (tmp_path / "b.png").exists(), (tmp_path / "stored.png").exists()
+
+    early, later, held_back, skipped = asyncio.run(scenario())
+    assert (early, later, held_back, skipped) == (False, True, True, False)
+    assert counter.labels("ok")._value.get() == 2
 
 
 def test_the_gateway_answers_b64_from_the_result_not_the_store():
