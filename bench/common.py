@@ -182,6 +182,34 @@ def section_result(title: str, figures: dict[str, float], units: dict[str, str],
             "targets": targets, "settings": settings, "notes": notes, "plot": plot}
 
 
+def _burn(duty: float, stop: Any) -> None:
+    while not stop.is_set():
+        began = time.perf_counter()
+        while time.perf_counter() - began < duty * 0.01:
+            pass
+        time.sleep((1.0 - duty) * 0.01)
+
+
+class BackgroundLoad:
+    """A process that keeps `cores` of one core busy (10 ms duty cycles): a stand-in for what Ray's own
+    processes take beside a job, to show what that much CPU costs a plain loop by itself."""
+
+    def __init__(self, cores: float):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.stop = ctx.Event()
+        self.process = ctx.Process(target=_burn, args=(min(1.0, cores), self.stop), daemon=True)
+
+    def __enter__(self) -> BackgroundLoad:
+        self.process.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.process.join(10)
+
+
 class CpuProfile:
     """CPU seconds per process role while a job runs (sampled, so processes that exit mid-run still count):
     on a CPU-only machine every second Ray, the driver or another job spends is a second the renderer lost."""
