@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", type=_sections, default=list(SECTIONS), metavar="a,c,...",
                    help=f"sections to run (default: all of {','.join(SECTIONS)})")
     p.add_argument("--d-rows", type=ints, default=(), metavar="SMALL,LARGE",
-                   help="(d) manifest sizes (default 10000,80000; 200,400 with --smoke)")
+                   help="(d) manifest sizes (default 10000,60000; 200,400 with --smoke)")
     p.add_argument("--workers", type=ints, default=(), metavar="N,N,...",
                    help="(c) worker counts (default 1,2,4,8; 1,2 with --smoke)")
     p.add_argument("--section-timeout", type=float, default=None, metavar="S",

@@ -79,7 +79,7 @@ def _case(manifest: str, out: Path, catalog: str, workers: int, batch: int, resu
 
 
 def section_d(ctx: Ctx) -> dict[str, Any]:
-    small, large = ctx.d_rows or ctx.pick((10_000, 80_000), (200, 400))  # 80k: above LOCAL_ROWS, so the shuffles run
+    small, large = ctx.d_rows or ctx.pick((10_000, 60_000), (200, 400))  # 60k: above LOCAL_ROWS, so the shuffles run
     batch = ctx.pick(500, 50)
     workers = 2
     catalog = standin_catalog(ctx.work / "noop", 0.0)
