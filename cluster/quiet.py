@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import warnings
 
 VERBOSE_ENV = "RENDERFLEET_VERBOSE"
@@ -77,6 +78,8 @@ def _library_handlers() -> list[logging.Handler]:
     except Exception:  # noqa: BLE001
         pass
     for configure in ("transformers.utils.logging", "diffusers.utils.logging"):
+        if configure.split(".")[0] not in sys.modules:
+            continue  # never imported here (the driver): nothing to quiet, and importing diffusers costs seconds
         try:
             mod = __import__(configure, fromlist=["get_logger"])
             mod.get_logger()  # sets up the library's root logger and its handler
