@@ -35,10 +35,26 @@ def serve_catalog(tiny_catalog: str, folder: Path, serve: dict[str, dict[str, An
 
 
 def stored_outputs(store: Path) -> set[str]:
-    """Every rendered output in a local store (uploads are not outputs)."""
+    """Every rendered output in a local store (uploads are not outputs; a write's hidden temporary is not one yet)."""
     if not store.exists():
         return set()
-    return {str(p) for p in store.rglob("*") if p.is_file() and "uploads" not in p.relative_to(store).parts}
+    return {str(p) for p in store.rglob("*")
+            if p.is_file() and not p.name.startswith(".") and "uploads" not in p.relative_to(store).parts}
+
+
+def settled_outputs(store: Path, timeout: float = 20.0) -> set[str]:
+    """The store's outputs once no write is in flight: b64_json answers are stored after they are sent, so an
+    earlier request's output may still be landing. Settled: no temporaries, and the same listing 0.5 s apart."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        busy = store.exists() and any(p.name.startswith(".") and p.name.endswith(".tmp") for p in store.rglob("*"))
+        now = stored_outputs(store)
+        if not busy and now == last:
+            return now
+        assert time.monotonic() < deadline, "the store never settled"
+        last = None if busy else now
+        time.sleep(0.5)
 
 
 def wait_for(predicate, timeout: float, what: str, every: float = 0.5) -> None:

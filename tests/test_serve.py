@@ -18,7 +18,7 @@ from PIL import Image
 
 from cluster.api import failure_error
 from helpers import probe_video
-from serve_helpers import assert_openai_error, percentiles, serve_catalog, stored_outputs, wait_for
+from serve_helpers import assert_openai_error, percentiles, serve_catalog, settled_outputs, stored_outputs, wait_for
 from storage.params import Limits
 from storage.reasons import REASONS
 from pipelines.media.watermark import WatermarkConfig, bit_accuracy
@@ -299,7 +299,7 @@ def test_burst_answers_503_fast_and_keeps_only_returned_images(server):
     A request that fails keeps nothing: its sibling calls are cancelled, outputs it already stored are deleted,
     and a sibling already rendering finishes on its replica, which deletes the output (nobody will claim it).
     So afterwards the store holds exactly the images returned."""
-    before = stored_outputs(server.store)
+    before = settled_outputs(server.store)
     http = httpx.Client(timeout=60, limits=httpx.Limits(max_connections=100))  # a hung socket fails the test
 
     def one(i: int) -> tuple[httpx.Response, float]:
@@ -338,13 +338,13 @@ def test_burst_answers_503_fast_and_keeps_only_returned_images(server):
 
 def test_seed_range_is_checked_before_anything_renders(server):
     """Image i renders with seed+i: the last seed must fit in int64, checked at the boundary, so nothing renders."""
-    before = stored_outputs(server.store)
+    before = settled_outputs(server.store)
     r = httpx.post(server + "/v1/images/generations", timeout=60,
                    json={"model": "tiny-sd", "prompt": "x", "size": "64x64", "seed": 2**63 - 1, "n": 2})
     assert r.status_code == 400, r.text
     error = assert_openai_error(r.json(), 400)
     assert (error["code"], error["param"]) == ("invalid_seed", "seed"), error
-    assert stored_outputs(server.store) == before
+    assert settled_outputs(server.store) == before
     r = httpx.post(server + "/v1/images/generations", timeout=60,
                    json={"model": "tiny-sd", "prompt": "x", "size": "64x64", "seed": 2**63 - 2, "n": 2})
     assert r.status_code == 200 and len(r.json()["data"]) == 2, r.text
