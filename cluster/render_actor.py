@@ -8,6 +8,9 @@ import threading
 import time
 from typing import Any
 
+import psutil
+import pyarrow as pa
+
 from cluster.renderer_config import STARTUP_COLUMN, RendererConfig
 
 
@@ -15,8 +18,6 @@ class RenderActor:
     """A `cluster.renderer.Renderer` built in the actor; each batch of manifest rows in, its result rows out."""
 
     def __init__(self, config: RendererConfig):
-        import psutil
-
         began = time.time()
         from cluster.renderer import Renderer
 
@@ -29,8 +30,6 @@ class RenderActor:
         self._lock = threading.Lock()
 
     def __call__(self, batch: Any) -> Any:
-        import pyarrow as pa
-
         if self.startup is None:
             return self.renderer(batch)
         started = time.time()

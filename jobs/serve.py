@@ -102,12 +102,6 @@ def add_parser(sub: argparse._SubParsersAction, new_parser: Callable[..., argpar
 
 
 def _positive(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
+    if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
+    return int(text)
